@@ -1,0 +1,133 @@
+"""The `cifar-transfer` command: parse, call one function, print. Errors are one line (--debug: traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+from cifar_transfer.errors import UserError
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from cifar_transfer.config import load_recipe, recipe_names
+
+    for name in recipe_names():
+        cfg = load_recipe(name)
+        epochs = "+".join(str(p.epochs) for p in cfg.phases)
+        print(f"{name:22s} {cfg.model.backbone:18s} epochs {epochs:8s} {cfg.description}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cifar_transfer import train
+    from cifar_transfer.config import apply_overrides, load_recipe
+
+    if args.resume:
+        if args.recipe or args.overrides or args.data_dir or args.weights:
+            raise UserError("--resume continues a run with its saved config: drop --recipe/--set/--data-dir")
+        summary = train.resume(Path(args.resume), progress=not args.quiet)
+        out = Path(args.resume)
+    else:
+        cfg = load_recipe(args.recipe or "default")
+        overrides = list(args.overrides)
+        if args.data_dir:
+            overrides.append(f"data.data_dir={args.data_dir}")
+        if args.weights:
+            overrides.append(f"model.weights={args.weights}")
+        cfg = apply_overrides(cfg, overrides)
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path(args.out) if args.out else Path("runs") / f"{cfg.recipe}-{stamp}"
+        print(f"run dir: {out}", flush=True)
+        summary = train.train(cfg, out, progress=not args.quiet)
+    acc = summary["val_acc"]
+    score = "no validation split" if acc is None else f"val_acc {acc:.4f} (epoch {summary['best_epoch']})"
+    print(f"done: {score}, model in {out / 'model.safetensors'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cifar_transfer.runs import evaluate_run
+
+    result = evaluate_run(Path(args.run_dir), args.split, args.data_dir, tta=args.tta)
+    print(
+        f"{args.split} accuracy {result['accuracy']:.4f} on {result['n']} images"
+        f"{' (flip TTA)' if args.tta else ''}; wrote {result['path']}"
+    )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from cifar_transfer.bundle import load_model
+    from cifar_transfer.predict import predict_images
+
+    model, meta = load_model(Path(args.run_dir))
+    failed = 0
+    for pred in predict_images(model, meta, args.images, top_k=args.top):
+        if pred.error:
+            failed += 1
+            print(f"error: {pred.path}: {pred.error}", file=sys.stderr)
+            continue
+        tops = ", ".join(f"{name} {p:.3f}" for name, p in pred.top)
+        print(f"{pred.path}: {tops}")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="cifar-transfer",
+        description="Transfer ImageNet CNNs to CIFAR-10: train, evaluate, predict.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p.set_defaults(func=_cmd_recipes)
+
+    p = sub.add_parser("train", help="train a recipe into a run dir")
+    p.add_argument("--recipe", help="shipped recipe name or a .toml path (default: default)")
+    p.add_argument("--data-dir", help="existing cifar-10-batches-py folder (or its parent)")
+    p.add_argument("--weights", help="imagenet | imagenet-v1 | none | PATH to .pth/.safetensors")
+    p.add_argument("--out", help="run dir to create (default: runs/<recipe>-<time>)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. model.backbone=efficientnet_lite0 or phases.0.epochs=2",
+    )
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix")
+    p.add_argument("run_dir")
+    p.add_argument("--data-dir", help="CIFAR-10 folder (default: the one the run trained on)")
+    p.add_argument("--split", choices=["val", "test"], default="val")
+    p.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="top classes of image files")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top", type=int, default=3, help="how many classes to show (default 3)")
+    p.set_defaults(func=_cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `cifar-transfer` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: resume with `cifar-transfer train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,302 @@
+"""Run configuration: dataclasses, recipe TOML loading, --set overrides, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from cifar_transfer.errors import UserError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "onecycle")
+AUGMENTS = ("none", "flip", "crop-flip")
+PRECISIONS = ("auto", "bf16", "fp32")
+HEADS = ("linear", "mlp", "imagenet-top")
+FREEZE_FORMS = "none | all | until:<stage> | from-layer:<N>"
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = ""  # "" = download the official archive into the cache
+    val_size: int = 5000  # seeded, class-stratified, taken from the training split
+    train_limit: int = 0  # 0 = all remaining training images; >0 = stratified subset (smoke runs)
+    seed: int = 0  # seed of the split and the subset, independent of the training seed
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    weights: str = "imagenet"  # imagenet | imagenet-v1 | none | PATH (.pth/.safetensors)
+    head: str = "linear"
+    resolution: int = 0  # 0 = the backbone's native resolution
+
+
+@dataclass
+class PhaseConfig:
+    name: str = "train"
+    epochs: int = 1
+    freeze: str = "none"
+    optimizer: str = "sgd"  # sgd is always Nesterov momentum
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    augment: str = "crop-flip"
+    batch_size: int = 128
+    resolution: int = 0  # 0 = model.resolution; set per phase for progressive resizing
+    early_stop_patience: int = 0  # 0 = off; else epochs without val_acc gain before the phase stops
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto = bf16 where the hardware runs it fast, else fp32
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the training step (measure before turning on)
+    compile_features: str = "auto"  # auto | on | off: compile frozen-feature extraction
+    threads: int = 0  # 0 = torch's default (all cores)
+    ema: float = 0.0  # EMA decay of the weights (0 = off); validation then uses the EMA weights
+    eval_batch_size: int = 256
+    feature_cache: bool = True  # frozen phases without augmentation train the head on cached features
+    keep_best: bool = True  # the final model is the epoch with the best val_acc
+
+
+@dataclass
+class Config:
+    recipe: str = "custom"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
+    # What the published write-up did and where this recipe deviates: kept with every run.
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "run": RunConfig}
+
+
+def valid_keys(n_phases: int = 1) -> list[str]:
+    """Every key --set accepts, phase keys shown for phase 0 and all phases."""
+    keys = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)]
+    keys += [f"phases.N.{f.name}" for f in fields(PhaseConfig)]
+    keys += [f"phases.*.{f.name}" for f in fields(PhaseConfig) if f.name != "name"]
+    return keys
+
+
+def _coerce(value: Any, typ: type, key: str) -> Any:
+    """Turn a TOML value or a --set string into the field's type, or fail naming the key."""
+    if isinstance(value, str) and typ is not str:
+        text = value.strip().lower()
+        try:
+            if typ is bool:
+                if text in ("true", "1", "yes", "on"):
+                    return True
+                if text in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return typ(value)
+        except ValueError:
+            raise UserError(f"bad value for {key}: {value!r} is not a {typ.__name__}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool):
+        raise UserError(f"bad value for {key}: {value!r} is not true/false")
+    if typ in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise UserError(f"bad value for {key}: {value!r} is not a {typ.__name__}")
+    if typ is int and isinstance(value, float):
+        if not value.is_integer():
+            raise UserError(f"bad value for {key}: {value!r} is not a whole number")
+        return int(value)
+    if typ is str and not isinstance(value, str):
+        raise UserError(f"bad value for {key}: {value!r} is not a string")
+    return value
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    """Make a section dataclass from a TOML table, rejecting unknown keys."""
+    names = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise UserError(
+            f"unknown config key {where}.{unknown[0]}: valid keys in [{where}] are "
+            + ", ".join(names)
+        )
+    kwargs = {k: _coerce(v, _TYPES[names[k].type], f"{where}.{k}") for k, v in table.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any], recipe: str = "custom") -> Config:
+    """Build and validate a Config from a parsed TOML document."""
+    raw = dict(raw)
+    top = {"recipe", "description", "data", "model", "run", "phases", "source"}
+    unknown = sorted(set(raw) - top)
+    if unknown:
+        raise UserError(f"unknown config key {unknown[0]}: valid top-level keys are {sorted(top)}")
+    phases_raw = raw.get("phases") or [{}]
+    if not isinstance(phases_raw, list) or not all(isinstance(p, dict) for p in phases_raw):
+        raise UserError("bad value for phases: write each phase as a [[phases]] table")
+    cfg = Config(
+        recipe=str(raw.get("recipe", recipe)),
+        description=str(raw.get("description", "")),
+        data=_build(DataConfig, raw.get("data", {}), "data"),
+        model=_build(ModelConfig, raw.get("model", {}), "model"),
+        run=_build(RunConfig, raw.get("run", {}), "run"),
+        phases=[_build(PhaseConfig, p, f"phases.{i}") for i, p in enumerate(phases_raw)],
+        source=dict(raw.get("source", {})),
+    )
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that cannot work, each with one line naming the key and the valid range."""
+    d, m, r = cfg.data, cfg.model, cfg.run
+    _check(d.val_size >= 0, f"bad value for data.val_size: {d.val_size} (must be >= 0)")
+    _check(d.train_limit >= 0, f"bad value for data.train_limit: {d.train_limit} (0 = all, or > 0)")
+    _check(m.head in HEADS, f"bad value for model.head: {m.head!r} (choose one of {', '.join(HEADS)})")
+    _check(m.resolution >= 0, f"bad value for model.resolution: {m.resolution} (0 = native, or > 0)")
+    _check(bool(m.backbone), "bad value for model.backbone: empty (e.g. resnet50, efficientnet_lite0)")
+    _check(
+        r.precision in PRECISIONS,
+        f"bad value for run.precision: {r.precision!r} (choose one of {', '.join(PRECISIONS)})",
+    )
+    _check(
+        r.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", r.device) is not None,
+        f"bad value for run.device: {r.device!r} (auto, cpu, cuda or cuda:N)",
+    )
+    _check(0.0 <= r.ema < 1.0, f"bad value for run.ema: {r.ema} (0 = off, else a decay in (0, 1))")
+    _check(
+        r.compile_features in ("auto", "on", "off"),
+        f"bad value for run.compile_features: {r.compile_features!r} (auto, on or off)",
+    )
+    _check(r.eval_batch_size > 0, f"bad value for run.eval_batch_size: {r.eval_batch_size} (> 0)")
+    _check(r.threads >= 0, f"bad value for run.threads: {r.threads} (0 = default, or > 0)")
+    _check(len(cfg.phases) > 0, "bad value for phases: a recipe needs at least one [[phases]] table")
+    for i, p in enumerate(cfg.phases):
+        k = f"phases.{i}"
+        _check(p.epochs >= 0, f"bad value for {k}.epochs: {p.epochs} (must be >= 0)")
+        _check(p.lr > 0, f"bad value for {k}.lr: {p.lr} (must be > 0)")
+        _check(
+            p.optimizer in OPTIMIZERS,
+            f"bad value for {k}.optimizer: {p.optimizer!r} (choose one of {', '.join(OPTIMIZERS)})",
+        )
+        _check(
+            p.schedule in SCHEDULES,
+            f"bad value for {k}.schedule: {p.schedule!r} (choose one of {', '.join(SCHEDULES)})",
+        )
+        _check(
+            p.augment in AUGMENTS,
+            f"bad value for {k}.augment: {p.augment!r} (choose one of {', '.join(AUGMENTS)})",
+        )
+        _check(p.batch_size > 0, f"bad value for {k}.batch_size: {p.batch_size} (must be > 0)")
+        _check(p.weight_decay >= 0, f"bad value for {k}.weight_decay: {p.weight_decay} (>= 0)")
+        _check(0 <= p.momentum < 1, f"bad value for {k}.momentum: {p.momentum} (in [0, 1))")
+        _check(p.warmup_epochs >= 0, f"bad value for {k}.warmup_epochs: {p.warmup_epochs} (>= 0)")
+        _check(
+            0 <= p.label_smoothing < 1,
+            f"bad value for {k}.label_smoothing: {p.label_smoothing} (in [0, 1))",
+        )
+        _check(p.resolution >= 0, f"bad value for {k}.resolution: {p.resolution} (0 = model's)")
+        _check(p.early_stop_patience >= 0, f"bad value for {k}.early_stop_patience (>= 0)")
+        _check(
+            p.freeze in ("none", "all")
+            or re.fullmatch(r"until:\S+", p.freeze) is not None
+            or re.fullmatch(r"from-layer:\d+", p.freeze) is not None,
+            f"bad value for {k}.freeze: {p.freeze!r} (choose {FREEZE_FORMS})",
+        )
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data (what config.toml holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML text."""
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped in the package."""
+    folder = resources.files("cifar_transfer") / "recipes"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(name_or_path: str) -> Config:
+    """Load a shipped recipe by name, or a recipe/config TOML file by path."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"recipe file {name_or_path} not found: give a path to a .toml file")
+        text, name = path.read_text(), path.stem
+    else:
+        res = resources.files("cifar_transfer") / "recipes" / f"{name_or_path}.toml"
+        if not res.is_file():
+            raise UserError(
+                f"unknown recipe {name_or_path!r}: choose one of {', '.join(recipe_names())}"
+                " (cifar-transfer recipes lists them) or give a .toml path"
+            )
+        text, name = res.read_text(), name_or_path
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"recipe {name_or_path} is not valid TOML ({e}): fix the file") from None
+    raw.setdefault("recipe", name)
+    return config_from_dict(raw, recipe=name)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply KEY=VALUE overrides (e.g. model.backbone=resnet18, phases.0.epochs=2, phases.*.lr=0.1)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise UserError(f"bad --set {item!r}: write KEY=VALUE, e.g. --set phases.0.epochs=2")
+        parts = key.split(".")
+        if len(parts) == 2 and parts[0] in SECTIONS:
+            section = getattr(cfg, parts[0])
+            targets, fname = [section], parts[1]
+        elif len(parts) == 3 and parts[0] == "phases":
+            fname = parts[2]
+            if parts[1] == "*":
+                targets = list(cfg.phases)
+            elif parts[1].isdigit() and int(parts[1]) < len(cfg.phases):
+                targets = [cfg.phases[int(parts[1])]]
+            else:
+                named = [p for p in cfg.phases if p.name == parts[1]]
+                if not named:
+                    raise UserError(
+                        f"unknown phase {parts[1]!r} in --set {key}: this recipe has phases "
+                        + ", ".join(f"{i} ({p.name})" for i, p in enumerate(cfg.phases))
+                    )
+                targets = named
+        else:
+            targets, fname = [], ""
+        types = {f.name: f.type for f in fields(targets[0])} if targets else {}
+        if fname not in types:
+            raise UserError(
+                f"unknown config key {key!r}: valid keys are " + ", ".join(valid_keys(len(cfg.phases)))
+            )
+        for t in targets:
+            setattr(t, fname, _coerce(value, _TYPES[types[fname]], key))
+    validate(cfg)
+    return cfg

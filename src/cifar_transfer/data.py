@@ -1,0 +1,433 @@
+"""CIFAR-10 on the device: download + checksum, read the python batches, splits, batches, augment.
+
+The whole dataset is 60k x 3 KiB, so it lives in memory as one uint8 tensor (N,3,32,32);
+augmentation and resizing run batched on whatever device that tensor sits on. Per-image
+PIL pipelines and DataLoader workers are what make the usual tutorials slow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cifar_transfer.errors import UserError
+
+CLASSES: tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # of the official archive, never of a local dir
+# Per-channel statistics of the 50k training images (0..1 scale), for models trained from scratch;
+# pretrained backbones bring their own mean/std.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+AUGMENT_MODES: tuple[str, ...] = ("none", "flip", "crop-flip")
+
+BATCHES_DIRNAME = "cifar-10-batches-py"
+_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+_TEST_FILE = "test_batch"
+_IMAGE_VALUES = 3 * 32 * 32
+_CROP_PAD = 4  # the standard CIFAR recipe: 4 px reflect padding, i.e. 9x9 = 81 possible shifts
+_DOWNLOAD_TIMEOUT_S = 30.0
+
+
+def default_cache_dir() -> Path:
+    """Where downloads go: $CIFAR_TRANSFER_CACHE if set, else ~/.cache/cifar-transfer."""
+    env = os.environ.get("CIFAR_TRANSFER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "cifar-transfer"
+
+
+def _has_train_batches(path: Path) -> bool:
+    """True when `path` holds all five training batches (test_batch is optional)."""
+    return all((path / name).is_file() for name in _TRAIN_FILES)
+
+
+def _looks_like_batches_dir(path: Path) -> bool:
+    """True when `path` holds any CIFAR-10 batch; load_split names whatever file is missing."""
+    return any((path / name).is_file() for name in (*_TRAIN_FILES, _TEST_FILE))
+
+
+def _offline_error(url: str, reason: object) -> UserError:
+    return UserError(
+        f"cannot download CIFAR-10 from {url} ({reason}): you seem to be offline; "
+        f"pass --data-dir DIR with an extracted {BATCHES_DIRNAME} folder"
+    )
+
+
+def _bad_url_error(url: str, reason: object) -> UserError:
+    return UserError(
+        f"cannot download CIFAR-10 from {url!r} ({reason}): not a valid URL; "
+        f"pass --data-dir DIR with an extracted {BATCHES_DIRNAME} folder"
+    )
+
+
+def _fetch(url: str, dest: BinaryIO) -> str:
+    """Stream `url` into `dest` and return the MD5 hex digest of what was written."""
+    try:
+        response = urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S)
+    except urllib.error.HTTPError as err:  # the server answered, so "offline" would mislead
+        raise UserError(
+            f"cannot download CIFAR-10 from {url} (HTTP {err.code} {err.reason}): "
+            f"the archive is not there; pass --data-dir DIR with an extracted "
+            f"{BATCHES_DIRNAME} folder"
+        ) from err
+    except urllib.error.URLError as err:
+        if "unknown url type" in str(err.reason):  # a typo, not a network problem
+            raise _bad_url_error(url, err.reason) from err
+        raise _offline_error(url, err.reason) from err
+    except (OSError, http.client.HTTPException) as err:
+        raise _offline_error(url, err) from err
+    except ValueError as err:  # urllib's "unknown url type" for strings without a scheme
+        raise _bad_url_error(url, err) from err
+    digest = hashlib.md5()
+    length = response.headers.get("Content-Length") if response.headers else None
+    total = int(length) if length and length.isdigit() else None
+    # disable=None: a progress bar on a terminal, silence in logs and tests.
+    with (
+        response,
+        tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10", disable=None) as bar,
+    ):
+        while True:
+            try:
+                chunk = response.read(1 << 20)
+            except (OSError, http.client.HTTPException) as err:  # dropped connection, timeout
+                raise _offline_error(url, err) from err
+            if not chunk:
+                break
+            digest.update(chunk)
+            dest.write(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def download_cifar10(cache_dir: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> Path:
+    """Download the official archive, check its MD5, extract atomically; return its batches dir."""
+    cache_dir = Path(cache_dir).expanduser()
+    target = cache_dir / BATCHES_DIRNAME
+    if _has_train_batches(target):
+        return target  # already there: no network, no checksum of local files (they may differ)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Temp file and temp dir live in cache_dir so os.replace() stays on one filesystem.
+        fd, archive_name = tempfile.mkstemp(
+            dir=cache_dir, prefix=".cifar-10-", suffix=".tar.gz.part"
+        )
+    except OSError as err:
+        raise UserError(
+            f"cannot write to the cache dir {cache_dir} ({err}): set CIFAR_TRANSFER_CACHE to a "
+            f"writable folder or pass --data-dir DIR with an extracted {BATCHES_DIRNAME} folder"
+        ) from err
+    archive = Path(archive_name)
+    extract_dir: Path | None = None
+    try:  # finally below removes the temp file/dir on every exit, Ctrl-C included
+        try:
+            with os.fdopen(fd, "wb") as out:
+                actual = _fetch(url, out)
+        except OSError as err:  # only writes remain uncaught by _fetch: disk full, permissions
+            raise UserError(
+                f"cannot write the CIFAR-10 download into {cache_dir} ({err}): free some space, "
+                f"set CIFAR_TRANSFER_CACHE elsewhere or pass --data-dir DIR"
+            ) from err
+        if actual != md5.lower():
+            raise UserError(
+                f"CIFAR-10 archive from {url} has MD5 {actual}, expected {md5}: the download is "
+                f"corrupt or not the official archive; retry, or pass --data-dir DIR with an "
+                f"extracted {BATCHES_DIRNAME} folder"
+            )
+        extract_dir = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".cifar-10-extract-"))
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                # filter="data" refuses absolute paths, "..", links out of the tree, devices.
+                tar.extractall(extract_dir, filter="data")
+        except (OSError, EOFError, tarfile.TarError) as err:  # TarError covers FilterError
+            raise UserError(
+                f"cannot extract the CIFAR-10 archive from {url} ({err}): it is not a readable, "
+                f"safe tar.gz; pass --data-dir DIR with an extracted {BATCHES_DIRNAME} folder"
+            ) from err
+        extracted = extract_dir / BATCHES_DIRNAME
+        if not _has_train_batches(extracted):
+            raise UserError(
+                f"the archive from {url} has no {BATCHES_DIRNAME}/data_batch_1..5: it is not the "
+                f"CIFAR-10 python version; pass --data-dir DIR with an extracted "
+                f"{BATCHES_DIRNAME} folder"
+            )
+        if _has_train_batches(target):
+            return target  # a concurrent run finished first; keep its copy
+        if target.exists():
+            shutil.rmtree(target)  # an incomplete leftover inside our own cache
+        os.replace(extracted, target)
+        return target
+    finally:
+        archive.unlink(missing_ok=True)
+        if extract_dir is not None:
+            shutil.rmtree(extract_dir, ignore_errors=True)
+
+
+def resolve_data_dir(data_dir: str | Path | None, cache_dir: Path | None = None) -> Path:
+    """Folder holding data_batch_*: data_dir or its cifar-10-batches-py child; download if None."""
+    if data_dir is None:
+        return download_cifar10(cache_dir if cache_dir is not None else default_cache_dir())
+    path = Path(data_dir).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"data dir {path} does not exist: pass --data-dir pointing at an extracted "
+            f"{BATCHES_DIRNAME} folder (or its parent), or leave --data-dir out to download"
+        )
+    if not path.is_dir():
+        raise UserError(
+            f"data dir {path} is a file, not a folder: pass --data-dir pointing at an extracted "
+            f"{BATCHES_DIRNAME} folder (or its parent); extract a .tar.gz first"
+        )
+    for candidate in (path, path / BATCHES_DIRNAME):
+        if _looks_like_batches_dir(candidate):
+            return candidate
+    raise UserError(
+        f"no CIFAR-10 batches in {path}: expected data_batch_1..5 ({BATCHES_DIRNAME}); "
+        f"pass --data-dir pointing at that folder or its parent"
+    )
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check one batch file: (data uint8 (N,3072), labels int64 (N,))."""
+    fix = f"re-download CIFAR-10 or pass --data-dir with an intact {BATCHES_DIRNAME} folder"
+    try:
+        with path.open("rb") as f:
+            # The official format is a pickle, so unpickling is unavoidable; these are data files
+            # the user chose. latin1 maps the Python 2 byte-string keys to str.
+            entry = pickle.load(f, encoding="latin1")
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err}): check its permissions, or {fix}") from err
+    except Exception as err:  # a damaged pickle fails in many ways; all of them mean "corrupt"
+        raise UserError(
+            f"{path} is truncated or corrupt ({type(err).__name__}: {err}): {fix}"
+        ) from err
+    if not isinstance(entry, dict):
+        raise UserError(
+            f"{path} is not a CIFAR-10 batch (a {type(entry).__name__}, not a dict): {fix}"
+        )
+    # Batches re-pickled under Python 3 with bytes keys are common; accept them too.
+    entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    if "data" not in entry or "labels" not in entry:
+        raise UserError(
+            f"{path} lacks the 'data'/'labels' keys of a CIFAR-10 batch "
+            f"(has {sorted(map(str, entry))}): {fix}"
+        )
+    data = entry["data"]
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != _IMAGE_VALUES
+    ):
+        desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise UserError(f"{path}: 'data' is {desc}, expected uint8 (N, {_IMAGE_VALUES}): {fix}")
+    labels = np.asarray(entry["labels"])
+    if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
+        raise UserError(
+            f"{path}: 'labels' is {labels.dtype} {labels.shape}, expected N integers: {fix}"
+        )
+    if len(labels) != len(data):
+        raise UserError(
+            f"{path}: {len(labels)} labels for {len(data)} images, expected one each: {fix}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+        raise UserError(
+            f"{path}: labels outside 0..{len(CLASSES) - 1} (found {labels.min()}..{labels.max()}): "
+            f"this is not CIFAR-10 (CIFAR-100 uses 'fine_labels'); {fix}"
+        )
+    return data, labels.astype(np.int64, copy=False)
+
+
+def load_split(batches_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read 'train' (data_batch_1..5) or 'test' (test_batch): uint8 (N,3,32,32), int64 (N,)."""
+    batches_dir = Path(batches_dir)
+    if split == "train":
+        names = _TRAIN_FILES
+    elif split == "test":
+        names = (_TEST_FILE,)
+    else:
+        raise UserError(f"unknown CIFAR-10 split {split!r}: use 'train' or 'test'")
+    for name in names:  # check all up front so the user learns before any slow read
+        if not (batches_dir / name).is_file():
+            if split == "test":
+                raise UserError(
+                    f"test_batch not found in {batches_dir}: the test split is not there; "
+                    f"evaluate with --split val or add test_batch"
+                )
+            raise UserError(
+                f"{name} not found in {batches_dir}: the training batches are incomplete; pass "
+                f"--data-dir pointing at a {BATCHES_DIRNAME} folder with data_batch_1..5"
+            )
+    parts = [_read_batch(batches_dir / name) for name in names]
+    data = np.concatenate([d for d, _ in parts]) if len(parts) > 1 else np.array(parts[0][0])
+    labels = np.concatenate([lab for _, lab in parts])
+    # Each row is 1024 red, 1024 green, 1024 blue values, each plane row-major: exactly (3,32,32).
+    images = torch.from_numpy(data).view(-1, 3, 32, 32)
+    return images, torch.from_numpy(labels)
+
+
+def _stratified_pick(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Sorted positions of k labels, an equal share per class (capped by class size), seeded."""
+    # Bookkeeping in numpy: on a busy 2-core CPU torch's threaded unique/nonzero on 50k ints take
+    # ~0.2 s each, numpy ~1 ms. The seeded permutations stay torch.randperm.
+    labels_np = labels.reshape(-1).cpu().numpy()
+    classes, counts = np.unique(labels_np, return_counts=True)
+    # Water-filling: classes smaller than their equal share give all they have, the rest share
+    # what is left; the remainder goes to the first classes (in label order), deterministically.
+    quota = [0] * len(classes)
+    active = list(range(len(classes)))
+    remaining = k
+    while active:
+        share = remaining // len(active)
+        small = [c for c in active if counts[c] <= share]
+        if not small:
+            extra = remaining - share * len(active)
+            for rank, c in enumerate(active):
+                quota[c] = share + (1 if rank < extra else 0)  # counts[c] > share, so it fits
+            break
+        for c in small:
+            quota[c] = int(counts[c])
+            remaining -= quota[c]
+            active.remove(c)
+    generator = torch.Generator().manual_seed(seed)
+    picked = [np.empty(0, dtype=np.int64)]
+    for c, cls in enumerate(classes):
+        members = np.flatnonzero(labels_np == cls)
+        order = torch.randperm(len(members), generator=generator).numpy()
+        picked.append(members[order[: quota[c]]])
+    return torch.from_numpy(np.sort(np.concatenate(picked)))
+
+
+def stratified_split(
+    labels: torch.Tensor, val_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded class-stratified split into (train_idx, val_idx); val_size=0 gives an empty val."""
+    n = len(labels)
+    if not 0 <= val_size <= n:
+        raise UserError(
+            f"val_size {val_size} is outside 0..{n}: choose a validation size that fits "
+            f"the {n} images"
+        )
+    val_idx = _stratified_pick(labels, val_size, seed)
+    in_val = np.zeros(n, dtype=bool)
+    in_val[val_idx.numpy()] = True
+    return torch.from_numpy(np.flatnonzero(~in_val)), val_idx
+
+
+def stratified_subset(
+    indices: torch.Tensor, labels: torch.Tensor, limit: int, seed: int
+) -> torch.Tensor:
+    """Seeded class-stratified `limit`-sized subset of `indices`; limit >= len returns them all."""
+    if limit < 0:
+        raise UserError(
+            f"train_limit {limit} is negative: use a positive number of training images"
+        )
+    if limit >= len(indices):
+        return indices
+    # Picks positions within `indices`, kept in their order, so sorted input gives sorted output.
+    chosen = _stratified_pick(labels[indices], limit, seed)
+    return indices[chosen.to(indices.device)]
+
+
+def batch_indices(
+    n: int,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None,
+    drop_last: bool = False,
+) -> list[torch.Tensor]:
+    """Index tensors for one epoch; a seeded permutation when shuffle."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    batches = list(order.split(batch_size))
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def _reflect_positions(size: int, pad: int) -> torch.Tensor:
+    """Source index of each position of a reflect-padded axis (size 5, pad 2: 2 1 0 1 2 3 4 3 2)."""
+    positions = torch.arange(-pad, size + pad).abs()
+    return torch.where(positions >= size, 2 * (size - 1) - positions, positions)
+
+
+def augment(images: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Batched augmentation of (B,3,H,W) images on their own device: none, flip, crop-flip."""
+    if mode not in AUGMENT_MODES:
+        raise ValueError(f"unknown augmentation {mode!r}: use one of {', '.join(AUGMENT_MODES)}")
+    if images.ndim != 4:
+        raise ValueError(f"augment expects (B,C,H,W) images, got shape {tuple(images.shape)}")
+    if mode == "none":
+        return images
+    if generator.device.type != "cpu":  # CPU state is what checkpoints save and restore
+        raise ValueError("augment needs a CPU torch.Generator (its state goes into checkpoints)")
+    b, c, h, w = images.shape
+    device = images.device
+    # Random parameters are drawn on the CPU in a fixed order (flip, then dy, dx), so a restored
+    # generator state replays the same augmentation on any device.
+    flip = (torch.rand(b, generator=generator) < 0.5).to(device, non_blocking=True)
+    if mode == "flip":
+        return torch.where(flip.view(b, 1, 1, 1), images.flip(-1), images)
+    shifts = 2 * _CROP_PAD + 1
+    dy = torch.randint(0, shifts, (b,), generator=generator).to(device, non_blocking=True)
+    dx = torch.randint(0, shifts, (b,), generator=generator).to(device, non_blocking=True)
+    # Instead of padding then cropping, map every output pixel straight to its source pixel:
+    # row i of the crop is padded row dy+i, i.e. source row reflect(dy+i - pad); a flip reads the
+    # crop's columns right to left. Two gathers, no per-image loop, any dtype, no padded copy.
+    rows_src = _reflect_positions(h, _CROP_PAD).to(device)
+    cols_src = _reflect_positions(w, _CROP_PAD).to(device)
+    out_rows = torch.arange(h, device=device)
+    out_cols = torch.arange(w, device=device)
+    rows = rows_src[dy[:, None] + out_rows]  # (B,H)
+    cols = cols_src[dx[:, None] + torch.where(flip[:, None], w - 1 - out_cols, out_cols)]  # (B,W)
+    out = torch.gather(images, 2, rows.view(b, 1, h, 1).expand(b, c, h, w))
+    return torch.gather(out, 3, cols.view(b, 1, 1, w).expand(b, c, h, w))
+
+
+def to_model_input(
+    images: torch.Tensor,
+    resolution: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> normalized float32 (B,3,R,R), bilinear-resized (no antialias) if R!=H."""
+    if images.dtype != torch.uint8:  # a float input here usually means it was normalized twice
+        raise ValueError(f"to_model_input expects uint8 images (0..255), got {images.dtype}")
+    if images.ndim != 4 or len(mean) != images.shape[1] or len(std) != images.shape[1]:
+        raise ValueError(
+            f"images {tuple(images.shape)} need (B,C,H,W) with C == len(mean) == len(std) "
+            f"({len(mean)}, {len(std)})"
+        )
+    if resolution <= 0:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    # Normalizing before resizing gives the same result as after (bilinear weights sum to 1, so
+    # the per-channel affine map commutes with it) while touching 49x fewer pixels at 224 px.
+    scale = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
+    shift = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
+    x = (images.float() - shift) / scale
+    if (resolution, resolution) != tuple(images.shape[-2:]):
+        x = F.interpolate(
+            x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=False
+        )
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x

@@ -1,0 +1,71 @@
+"""Logits -> metrics (accuracy, per-class precision/recall, confusion matrix), with optional flip TTA."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from cifar_transfer.data import CLASSES, to_model_input
+from cifar_transfer.hardware import autocast
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    resolution: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    precision: str,
+    channels_last: bool = True,
+    tta: bool = False,
+    features_only: bool = False,
+) -> torch.Tensor:
+    """Run the model in eval mode over uint8 images already on its device; float32 logits on CPU."""
+    was_training = model.training
+    model.eval()
+    device = images.device
+    forward = model.forward_features if features_only else model.forward
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_model_input(images[start : start + batch_size], resolution, mean, std, channels_last)
+        with autocast(device, precision):
+            y = forward(x).float()
+            if tta:  # average with the mirror image: the cheapest TTA that pays on CIFAR
+                y = (y + forward(torch.flip(x, dims=[3])).float()) / 2
+        out.append(y.cpu())
+    model.train(was_training)
+    dim = out[0].shape[1] if out else 0
+    return torch.cat(out) if out else torch.empty(0, dim)
+
+
+def compute_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy, mean loss, per-class precision/recall/F1 and the confusion matrix (rows = true)."""
+    labels = labels.cpu()
+    pred = logits.argmax(1)
+    y, p = labels.numpy(), pred.numpy()
+    classes = list(range(len(CLASSES)))
+    prec, rec, f1, support = precision_recall_fscore_support(
+        y, p, labels=classes, zero_division=0
+    )
+    return {
+        "n": int(len(labels)),
+        "accuracy": float((pred == labels).float().mean()) if len(labels) else float("nan"),
+        "loss": float(F.cross_entropy(logits, labels)) if len(labels) else float("nan"),
+        "classes": list(CLASSES),
+        "per_class": {
+            name: {
+                "precision": float(prec[i]),
+                "recall": float(rec[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(CLASSES)
+        },
+        "confusion_matrix": confusion_matrix(y, p, labels=classes).astype(np.int64).tolist(),
+    }

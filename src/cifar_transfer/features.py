@@ -1,0 +1,113 @@
+"""Frozen-backbone feature cache: extract once per (backbone, weights, resolution, data), reuse."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from cifar_transfer.checkpoint import save_safetensors
+from cifar_transfer.data import to_model_input
+from cifar_transfer.hardware import autocast
+
+
+def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """A short content hash of the images and labels, so a cache never serves other data."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(images.cpu().numpy().tobytes())
+    h.update(labels.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_id(weights: str) -> str:
+    """Named weights as they are; a local file by its path, size and mtime."""
+    p = Path(weights)
+    if p.is_file():
+        st = p.stat()
+        return f"file-{hashlib.blake2b(f'{p.resolve()}:{st.st_size}:{st.st_mtime_ns}'.encode(), digest_size=6).hexdigest()}"
+    return weights
+
+
+def cache_key(backbone: str, weights: str, head: str, resolution: int, precision: str, data_fp: str) -> str:
+    """File stem of a feature cache entry; every input that changes the features is part of it."""
+    kind = "top1000" if head == "imagenet-top" else "pooled"
+    safe = backbone.replace("/", "_")
+    return f"{safe}-{weights_id(weights)}-{kind}-r{resolution}-{precision}-{data_fp}"
+
+
+def should_compile(setting: str, n_images: int, device: torch.device) -> bool:
+    """'auto' compiles when the images repay inductor's ~45 s compile (measured 2x on CPU, BENCHMARKS.md)."""
+    if setting == "auto":
+        return n_images >= 4096
+    return setting == "on"
+
+
+@torch.inference_mode()
+def extract_features(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    resolution: int,
+    batch_size: int,
+    precision: str,
+    channels_last: bool = True,
+    desc: str = "features",
+    compile_model: bool = False,
+) -> torch.Tensor:
+    """forward_features over uint8 images (on the model's device) in eval mode; float32 on the device."""
+    model.eval()
+    spec = model.spec
+    forward = model.forward_features
+    patch = contextlib.nullcontext()
+    if compile_model:
+        # Freezing folds BatchNorm into the convs and treats weights as constants: inference only.
+        forward = torch.compile(model.forward_features)
+        patch = torch._inductor.config.patch(freezing=True)
+    out = []
+    bar = tqdm(total=len(images), desc=desc, unit="img", mininterval=2, dynamic_ncols=True)
+    with patch:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            n = len(chunk)
+            if compile_model and n < batch_size:  # one shape only: a short batch would recompile
+                chunk = torch.cat([chunk, chunk[:1].expand(batch_size - n, *chunk.shape[1:])])
+            x = to_model_input(chunk, resolution, spec.mean, spec.std, channels_last)
+            with autocast(images.device, precision):
+                out.append(forward(x).float()[:n].clone())
+            bar.update(n)
+    bar.close()
+    return torch.cat(out) if out else torch.empty(0, spec.feature_dim, device=images.device)
+
+
+def cached_features(
+    cache_dir: Path,
+    key: str,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    resolution: int,
+    batch_size: int,
+    precision: str,
+    channels_last: bool = True,
+    desc: str = "features",
+    compile_setting: str = "auto",
+) -> tuple[torch.Tensor, float]:
+    """Load features from the cache or extract and store them; returns (features, seconds spent)."""
+    path = Path(cache_dir) / f"{key}.safetensors"
+    t0 = time.perf_counter()
+    if path.is_file():
+        try:
+            feats = load_file(path)["features"]
+            if len(feats) == len(images):
+                return feats.to(images.device), time.perf_counter() - t0
+        except Exception:  # noqa: BLE001 - a bad cache file is re-made, never trusted
+            pass
+    compile_model = should_compile(compile_setting, len(images), images.device)
+    feats = extract_features(
+        model, images, resolution, batch_size, precision, channels_last, desc, compile_model
+    )
+    save_safetensors(path, {"features": feats}, {"key": key})
+    return feats, time.perf_counter() - t0

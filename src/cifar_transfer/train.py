@@ -1,0 +1,391 @@
+"""Phases and the training loop: device-resident data, AMP, EMA, schedules, early stop, checkpoint/resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from cifar_transfer import bundle, hardware
+from cifar_transfer.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+    save_safetensors,
+)
+from cifar_transfer.config import Config, PhaseConfig, config_from_dict, to_toml
+from cifar_transfer.data import (
+    augment,
+    batch_indices,
+    default_cache_dir,
+    load_split,
+    resolve_data_dir,
+    stratified_split,
+    stratified_subset,
+    to_model_input,
+)
+from cifar_transfer.errors import UserError
+from cifar_transfer.evaluate import predict_logits
+from cifar_transfer.features import cache_key, cached_features, fingerprint
+from cifar_transfer.models import TransferModel, apply_freeze, create_model
+
+LAST = "checkpoints/last.pt"
+BEST = "checkpoints/best.safetensors"
+
+
+@dataclass
+class Data:
+    """The split, resident on the training device as uint8 images and int64 labels."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    source: str
+
+
+def load_data(cfg: Config, device: torch.device) -> Data:
+    """Read CIFAR-10's training split, split off validation, cap training images, move to device."""
+    batches_dir = resolve_data_dir(cfg.data.data_dir or None)
+    x, y = load_split(batches_dir, "train")
+    if cfg.data.val_size >= len(y):
+        raise UserError(
+            f"bad value for data.val_size: {cfg.data.val_size} leaves no training images "
+            f"(the split has {len(y)}): use a smaller value"
+        )
+    train_idx, val_idx = stratified_split(y, cfg.data.val_size, cfg.data.seed)
+    if cfg.data.train_limit:
+        train_idx = stratified_subset(train_idx, y, cfg.data.train_limit, cfg.data.seed)
+    return Data(
+        x[train_idx].to(device), y[train_idx].to(device),
+        x[val_idx].to(device), y[val_idx].to(device), str(batches_dir),
+    )
+
+
+def phase_resolution(cfg: Config, phase: PhaseConfig, model: TransferModel) -> int:
+    """A phase's input size: its own, else the model's, else the backbone's native one."""
+    return phase.resolution or cfg.model.resolution or model.spec.resolution
+
+
+def uses_feature_cache(cfg: Config, phase: PhaseConfig) -> bool:
+    """A frozen backbone seeing unaugmented images computes the same features every epoch."""
+    return cfg.run.feature_cache and phase.freeze == "all" and phase.augment == "none"
+
+
+def make_optimizer(model: torch.nn.Module, phase: PhaseConfig) -> torch.optim.Optimizer:
+    """The phase's optimizer over trainable parameters; no weight decay on biases and norm weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError(f"phase {phase.name!r} freezes every parameter: nothing to train; fix its freeze")
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": phase.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if phase.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=phase.lr, momentum=phase.momentum, nesterov=phase.momentum > 0)
+    if phase.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=phase.lr)
+    return torch.optim.AdamW(groups, lr=phase.lr)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, phase: PhaseConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step LR schedule: constant or cosine (both with linear warmup), or one-cycle."""
+    total = max(1, phase.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(round(phase.warmup_epochs * steps_per_epoch)))
+    if phase.schedule == "onecycle":
+        pct = warmup / total if warmup > 0 else 0.25
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=phase.lr, total_steps=total, pct_start=max(pct, 1e-3),
+            cycle_momentum=phase.optimizer == "sgd", div_factor=25.0, final_div_factor=1e3,
+        )
+    cosine = phase.schedule == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    """One run: builds everything from a Config, trains its phases, writes the run dir."""
+
+    def __init__(self, cfg: Config, out: Path, resume: bool = False, progress: bool = True):
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        hardware.set_threads(cfg.run.threads)
+        self.device = hardware.pick_device(cfg.run.device)
+        self.precision = hardware.pick_precision(cfg.run.precision, self.device)
+        self.state = load_checkpoint(self.out / LAST) if resume else None
+        torch.manual_seed(cfg.run.seed)
+        self.data = load_data(cfg, self.device)
+        self.model = create_model(cfg.model.backbone, cfg.model.weights, cfg.model.head).to(self.device)
+        if cfg.run.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.gen = torch.Generator().manual_seed(cfg.run.seed + 1)
+        self.metrics: list[dict] = []
+        self.best_acc, self.best_epoch = -1.0, -1
+        if self.state is not None:
+            self.model.load_state_dict(self.state["model"])
+            self.gen.set_state(self.state["generator"])
+            torch.set_rng_state(self.state["torch_rng"])
+            self.best_acc, self.best_epoch = self.state["best_acc"], self.state["best_epoch"]
+            self.metrics = [json.loads(line) for line in self._metric_lines()][: self.state["global_epoch"]]
+
+    # -- run dir -------------------------------------------------------------------------------
+    def _metric_lines(self) -> list[str]:
+        path = self.out / "metrics.jsonl"
+        return path.read_text().splitlines() if path.is_file() else []
+
+    def _log_epoch(self, row: dict) -> None:
+        self.metrics.append(row)
+        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
+
+    # -- one phase -----------------------------------------------------------------------------
+    def _evaluated_model(self, ema: AveragedModel | None) -> torch.nn.Module:
+        return ema.module if ema is not None else self.model
+
+    def run_phase(self, p_idx: int, phase: PhaseConfig) -> None:
+        """Train one phase from its start or from the checkpointed epoch inside it."""
+        cfg, model, data = self.cfg, self.model, self.data
+        apply_freeze(model, phase.freeze)
+        res = phase_resolution(cfg, phase, model)
+        spec = model.spec
+        cached = uses_feature_cache(cfg, phase)
+        extract_seconds = 0.0
+        if cached:
+            train_in, val_in, extract_seconds = self._features(res)
+            net: torch.nn.Module = model.head
+        else:
+            train_in, val_in, net = data.train_x, data.val_x, model
+        n_train = len(train_in)
+        steps = math.ceil(n_train / phase.batch_size)
+        optimizer = make_optimizer(net, phase)
+        scheduler = make_scheduler(optimizer, phase, steps)
+        ema = None
+        if cfg.run.ema > 0 and not cached:
+            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.run.ema), use_buffers=True)
+        start_epoch, stale = 0, 0
+        if self.state is not None and self.state["phase"] == p_idx:
+            optimizer.load_state_dict(self.state["optimizer"])
+            scheduler.load_state_dict(self.state["scheduler"])
+            if ema is not None and self.state.get("ema") is not None:
+                ema.load_state_dict(self.state["ema"])
+            start_epoch, stale = self.state["phase_epoch"], self.state["stale"]
+        self.state = None  # consumed: later phases start fresh
+        forward = torch.compile(net) if cfg.run.compile and not cached else net
+        phase_best = max(
+            (m["val_acc"] for m in self.metrics if m["phase"] == p_idx and m["val_acc"] is not None),
+            default=-1.0,
+        )
+        for epoch in range(start_epoch, phase.epochs):
+            t0 = time.perf_counter()
+            net.train()
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), device=self.device, dtype=torch.long)
+            batches = batch_indices(n_train, phase.batch_size, shuffle=True, generator=self.gen)
+            bar = tqdm(
+                batches, desc=f"{phase.name} {epoch + 1}/{phase.epochs}", unit="batch",
+                disable=not self.progress, mininterval=1.0, dynamic_ncols=True, leave=False,
+            )
+            seen = 0
+            for idx in bar:
+                idx_dev = idx.to(self.device)
+                y = data.train_y[idx_dev]
+                if cached:
+                    x = train_in[idx_dev]
+                else:
+                    x = augment(data.train_x[idx_dev], phase.augment, self.gen)
+                    x = to_model_input(x, res, spec.mean, spec.std, cfg.run.channels_last)
+                with hardware.autocast(self.device, self.precision):
+                    logits = forward(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=phase.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise UserError(
+                        f"loss became {loss.item()} in phase {phase.name!r} epoch {epoch + 1}: lower "
+                        f"the lr ({phase.lr}); the last good checkpoint is {self.out / LAST}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
+                if self.progress:
+                    bar.set_postfix(img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
+            bar.close()
+            train_seconds = time.perf_counter() - t0
+            val = self._validate(cached, val_in, res, ema)
+            row = {
+                "phase": p_idx, "phase_name": phase.name, "epoch": len(self.metrics) + 1,
+                "phase_epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, seen),
+                "train_acc": float(correct) / max(1, seen), "val_loss": val[0], "val_acc": val[1],
+                "lr": optimizer.param_groups[0]["lr"], "img_per_s": seen / train_seconds,
+                "seconds": time.perf_counter() - t0, "resolution": res, "cached_features": cached,
+            }
+            if cached and epoch == start_epoch:
+                row["extract_seconds"] = extract_seconds
+            self._log_epoch(row)
+            self._print_epoch(row, phase)
+            if val[1] is not None and val[1] > self.best_acc:
+                self.best_acc, self.best_epoch = val[1], row["epoch"]
+                if cfg.run.keep_best:
+                    weights = self._evaluated_model(ema).state_dict()
+                    save_safetensors(self.out / BEST, weights, {"epoch": str(row["epoch"])})
+            if val[1] is not None:
+                stale = 0 if val[1] > phase_best else stale + 1
+                phase_best = max(phase_best, val[1])
+            self._checkpoint(p_idx, epoch + 1, stale, optimizer, scheduler, ema)
+            if phase.early_stop_patience and stale >= phase.early_stop_patience:
+                print(f"early stop: {phase.name} had no val_acc gain for {stale} epochs", flush=True)
+                break
+        if ema is not None:  # later phases and the final model continue from the averaged weights
+            model.load_state_dict(ema.module.state_dict())
+
+    def _features(self, res: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Cached frozen-backbone features of the train and val images (extracted once)."""
+        cfg, model, data = self.cfg, self.model, self.data
+        folder = default_cache_dir() / "features"
+        seconds = 0.0
+        out = []
+        for name, x, y in (("train", data.train_x, data.train_y), ("val", data.val_x, data.val_y)):
+            key = cache_key(
+                cfg.model.backbone, cfg.model.weights, cfg.model.head, res, self.precision,
+                fingerprint(x, y),
+            )
+            feats, s = cached_features(
+                folder, key, model, x, res, cfg.run.eval_batch_size, self.precision,
+                cfg.run.channels_last, desc=f"{name} features",
+                compile_setting=cfg.run.compile_features,
+            )
+            out.append(feats)
+            seconds += s
+        return out[0], out[1], seconds
+
+    def _validate(
+        self, cached: bool, val_in: torch.Tensor, res: int, ema: AveragedModel | None
+    ) -> tuple[float | None, float | None]:
+        if len(self.data.val_y) == 0:  # val_size=0: nothing to measure (JSON has no NaN)
+            return None, None
+        if cached:
+            self.model.head.eval()
+            with torch.inference_mode():
+                logits = self.model.head(val_in).float().cpu()
+        else:
+            model = self._evaluated_model(ema)
+            spec = self.model.spec
+            logits = predict_logits(
+                model, val_in, res, spec.mean, spec.std, self.cfg.run.eval_batch_size,
+                self.precision, self.cfg.run.channels_last,
+            )
+        y = self.data.val_y.cpu()
+        return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
+
+    def _checkpoint(self, p_idx, phase_epoch, stale, optimizer, scheduler, ema) -> None:
+        save_checkpoint(self.out / LAST, {
+            "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            # bf16/fp32 need no GradScaler; fp16 is not offered, so there is no scaler state to keep.
+            "scaler": None, "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "phase": p_idx, "phase_epoch": phase_epoch, "stale": stale,
+            "global_epoch": len(self.metrics), "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+        })
+
+    def _print_epoch(self, row: dict, phase: PhaseConfig) -> None:
+        if not self.progress:
+            return
+        extra = f" (features {row['extract_seconds']:.0f}s)" if "extract_seconds" in row else ""
+        val = "" if row["val_acc"] is None else (
+            f" val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}")
+        print(
+            f"[{row['phase_name']} {row['phase_epoch']}/{phase.epochs}] train_loss "
+            f"{row['train_loss']:.4f} train_acc {row['train_acc']:.4f}{val} lr {row['lr']:.2e} {row['img_per_s']:.0f} img/s "
+            f"{row['seconds']:.1f}s{extra}",
+            flush=True,
+        )
+
+    # -- whole run -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train every phase (resuming where the checkpoint says), then write the model bundle."""
+        first = self.state["phase"] if self.state is not None else 0
+        if self.state is not None and self.state["phase_epoch"] >= self.cfg.phases[first].epochs:
+            first, self.state = first + 1, None
+        t0 = time.perf_counter()
+        for p_idx in range(first, len(self.cfg.phases)):
+            phase = self.cfg.phases[p_idx]
+            if phase.epochs > 0:
+                self.run_phase(p_idx, phase)
+        if self.cfg.run.keep_best and (self.out / BEST).is_file():
+            from safetensors.torch import load_file
+
+            self.model.load_state_dict(load_file(self.out / BEST, device=str(self.device)))
+        final_acc = self.best_acc if self.best_epoch > 0 else None
+        if not self.cfg.run.keep_best and self.metrics:
+            final_acc = self.metrics[-1]["val_acc"]
+        summary = {
+            "val_acc": final_acc, "best_epoch": self.best_epoch, "epochs_run": len(self.metrics),
+            "train_seconds_this_session": time.perf_counter() - t0,
+            "train_images": len(self.data.train_y), "val_images": len(self.data.val_y),
+            **hardware.describe(self.device, self.precision),
+        }
+        bundle.save_bundle(self.model, self.cfg, self.out, summary)
+        return summary
+
+
+def prepare_run_dir(out: Path, cfg: Config) -> None:
+    """Refuse to write into a run dir that already holds files; write the resolved config."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder path for the run")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(
+            f"run dir {out} is not empty: choose a new --out, or continue it with --resume {out}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.toml", to_toml(cfg))
+
+
+def load_run_config(out: Path) -> Config:
+    """The resolved config a run dir was started with."""
+    import tomllib
+
+    path = Path(out) / "config.toml"
+    if not path.is_file():
+        raise UserError(f"{out} is not a run dir (no config.toml): pass the --out of an earlier train")
+    return config_from_dict(tomllib.loads(path.read_text()))
+
+
+def train(cfg: Config, out: Path, progress: bool = True) -> dict:
+    """Start a new run in `out` and train it to the end."""
+    prepare_run_dir(out, cfg)
+    return Trainer(cfg, out, resume=False, progress=progress).fit()
+
+
+def resume(out: Path, progress: bool = True) -> dict:
+    """Continue the run in `out` from its last checkpoint, to the same result as an unbroken run."""
+    cfg = load_run_config(out)
+    if not (Path(out) / LAST).is_file():
+        return train_fresh_in_place(cfg, out, progress)
+    return Trainer(cfg, out, resume=True, progress=progress).fit()
+
+
+def train_fresh_in_place(cfg: Config, out: Path, progress: bool) -> dict:
+    """A run killed before its first checkpoint starts over in its own dir."""
+    return Trainer(cfg, out, resume=False, progress=progress).fit()
