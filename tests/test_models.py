@@ -342,7 +342,7 @@ def test_lite_imagenet_weights_map_tensor_for_tensor(n: int) -> None:
               if not k.endswith("num_batches_tracked")]
     src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
     assert len(loaded) == len(src)
-    for (dk, dv), (sk, sv) in zip(loaded, src):
+    for (dk, dv), (sk, sv) in zip(loaded, src, strict=True):
         assert torch.equal(dv, sv), (dk, sk)
 
 
@@ -383,7 +383,8 @@ def test_lite0_imagenet_weights_recognise_an_espresso() -> None:
     with torch.no_grad():
         probs = model.forward_features(x).softmax(-1)[0]
     top = probs.topk(3)
-    print("coffee top-3:", [(int(i), round(float(p), 4)) for p, i in zip(top.values, top.indices)])
+    ranked = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+    print("coffee top-3:", [(i, round(p, 4)) for i, p in ranked])
     assert int(top.indices[0]) == ESPRESSO
     assert float(top.values[0]) > 0.5
 

@@ -104,7 +104,7 @@ def get_spec(backbone: str) -> BackboneSpec:
     return _timm_spec(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _timm_spec(name: str) -> BackboneSpec:
     """Spec for a plain timm model from its pretrained_cfg and an instance built on 'meta'."""
     import timm
@@ -120,7 +120,7 @@ def _timm_spec(name: str) -> BackboneSpec:
     try:
         with torch.device("meta"):
             net = timm.create_model(name, pretrained=False, num_classes=0)
-    except Exception:  # a few models' init needs real tensors
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):  # init needs real tensors
         net = timm.create_model(name, pretrained=False, num_classes=0)
     input_size = cfg.get("input_size", (3, 224, 224))
     return BackboneSpec(
@@ -128,7 +128,9 @@ def _timm_spec(name: str) -> BackboneSpec:
         resolution=int(input_size[-1]),
         mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
         std=tuple(float(v) for v in cfg.get("std", IMAGENET_STD)),
-        feature_dim=int(net.num_features),
+        # head_hidden_size is what reaches the classifier when a model has a pre-logits layer
+        # (e.g. MobileNetV3's conv_head); num_features is then the last stage's width.
+        feature_dim=int(getattr(net, "head_hidden_size", None) or net.num_features),
         stages=tuple(_param_children(net)),
         weights=("imagenet", "none"),
     )
@@ -291,7 +293,7 @@ def map_efficientnet_lite_state_dict(
         )
     mapped: dict[str, Tensor] = {}
     dst_to_src_module: dict[str, str] = {}
-    for sk, dk in zip(src_keys, dst_keys):
+    for sk, dk in zip(src_keys, dst_keys, strict=True):
         s, d = source[sk], target[dk]
         if s.shape != d.shape or sk.rsplit(".", 1)[-1] != dk.rsplit(".", 1)[-1]:
             raise UserError(

@@ -1,0 +1,66 @@
+"""Shared fixtures: a small learnable CIFAR-format folder, offline settings, the real data path."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# Tests never touch the network: hubs fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "cifar10" / "cifar-10-batches-py"
+
+
+def write_cifar_dir(root: Path, per_batch: int = 100, seed: int = 0, test: bool = False) -> Path:
+    """Write data_batch_1..5 (and test_batch) in the original pickle format, with learnable classes.
+
+    Class c is a colour-coded image (its own mean colour and a stripe at row 3c) plus noise,
+    so a small model separates the classes within a few epochs.
+    """
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(30, 225, size=(10, 3))
+    names = [f"data_batch_{i}" for i in range(1, 6)] + (["test_batch"] if test else [])
+    for name in names:
+        labels = np.arange(per_batch) % 10
+        rng.shuffle(labels)
+        imgs = rng.normal(0, 25, size=(per_batch, 3, 32, 32)) + palette[labels][:, :, None, None]
+        for i, c in enumerate(labels):
+            imgs[i, :, 3 * c : 3 * c + 2, :] = 255
+        data = np.clip(imgs, 0, 255).astype(np.uint8).reshape(per_batch, 3072)
+        with open(folder / name, "wb") as f:
+            pickle.dump(
+                {"batch_label": name, "labels": labels.tolist(), "data": data}, f, protocol=2
+            )
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["c"] * 10, "num_vis": 3072}, f, protocol=2)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory) -> Path:
+    """A 500-image learnable CIFAR-format folder with a test_batch."""
+    return write_cifar_dir(tmp_path_factory.mktemp("cifar"), test=True)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Feature caches and downloads go to a per-session temp folder, never ~/.cache."""
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """The shared real CIFAR-10 training split, or a clean skip."""
+    if not (REAL_DATA / "data_batch_1").is_file():
+        pytest.skip(f"real CIFAR-10 not found at {REAL_DATA}")
+    return REAL_DATA

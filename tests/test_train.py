@@ -1,0 +1,168 @@
+"""Training behaviour a user would notice: it learns, phases hand over, resume is exact, caches agree."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cifar_transfer import train as train_mod
+from cifar_transfer.bundle import load_model
+from cifar_transfer.config import apply_overrides, load_recipe
+from cifar_transfer.errors import UserError
+from cifar_transfer.features import extract_features
+from cifar_transfer.runs import evaluate_run
+
+METRIC_KEYS = {
+    "phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "seconds",
+}  # fmt: skip
+
+
+def tiny(recipe: str, cifar_dir, *extra: str):
+    """A recipe shrunk to a seconds-long CPU run on the synthetic folder."""
+    cfg = load_recipe(recipe)
+    return apply_overrides(cfg, [
+        f"data.data_dir={cifar_dir}", "data.val_size=100", "run.threads=2",
+        "run.compile_features=off", "run.eval_batch_size=100", *extra,
+    ])  # fmt: skip
+
+
+def two_phase(cifar_dir, *extra: str):
+    """Head on cached features, then everything unfrozen with augmentation: resnet18 at 32 px."""
+    return tiny(
+        "seed-native-32", cifar_dir, "model.backbone=resnet18", "model.weights=none",
+        "phases.0.epochs=2", "phases.1.epochs=2", "phases.*.batch_size=50",
+        "phases.1.lr=0.001", "phases.1.augment=crop-flip", *extra,
+    )
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cnn_learns_above_chance_and_writes_the_run_dir(cifar_dir, tmp_path):
+    cfg = tiny("cnn-baseline", cifar_dir, "phases.0.epochs=4", "phases.0.batch_size=32")
+    summary = train_mod.train(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert summary["val_acc"] > 0.5, "10 easy classes: far above 10% chance after 4 epochs"
+    for name in ("config.toml", "metrics.jsonl", "model.safetensors", "model.json", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    rows = read_metrics(run)
+    assert len(rows) == 4 and all(METRIC_KEYS <= set(r) for r in rows)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["classes"][0] == "airplane" and meta["resolution"] == 32 and meta["backbone"] == "cnn"
+
+
+def test_phases_hand_over_frozen_then_unfrozen(cifar_dir, tmp_path):
+    cfg = two_phase(cifar_dir)
+    trainer = train_mod.Trainer(cfg, tmp_path, progress=False)
+    before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
+    trainer.run_phase(0, cfg.phases[0])
+    after_head = trainer.model.backbone.state_dict()
+    assert all(torch.equal(before[k], after_head[k]) for k in before), "frozen phase moved the backbone"
+    trainer.run_phase(1, cfg.phases[1])
+    after_ft = trainer.model.backbone.state_dict()
+    assert any(not torch.equal(before[k], after_ft[k]) for k in before if "weight" in k)
+    rows = trainer.metrics
+    assert [r["phase"] for r in rows] == [0, 0, 1, 1]
+    assert [r["cached_features"] for r in rows] == [True, True, False, False]
+    assert "extract_seconds" in rows[0]
+
+
+def test_cached_features_equal_live_features(cifar_dir, tmp_path):
+    cfg = two_phase(cifar_dir)
+    trainer = train_mod.Trainer(cfg, tmp_path, progress=False)
+    train_feats, val_feats, _ = trainer._features(32)
+    model = trainer.model.eval()
+    live = extract_features(model, trainer.data.val_x, 32, 64, "fp32", True, "live")
+    assert torch.allclose(val_feats, live, atol=1e-5)
+    again, _, _ = trainer._features(32)  # second call is served from the cache
+    assert torch.equal(again, train_feats)
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(cifar_dir, tmp_path, monkeypatch):
+    cfg = two_phase(cifar_dir)
+    train_mod.train(cfg, tmp_path / "whole", progress=False)
+
+    real = train_mod.Trainer._checkpoint
+    calls = {"n": 0}
+
+    def crash_after_third(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # mid phase 1, after its first epoch's checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.Trainer, "_checkpoint", crash_after_third)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(cfg, tmp_path / "broken", progress=False)
+    monkeypatch.setattr(train_mod.Trainer, "_checkpoint", real)
+    train_mod.resume(tmp_path / "broken", progress=False)
+
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    resumed = load_file(tmp_path / "broken" / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole), "resume changed the result"
+    drop = {"seconds", "img_per_s", "extract_seconds"}
+    clean = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / "whole")]
+    again = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / "broken")]
+    assert clean == again
+
+
+def test_keep_best_and_evaluate_reproduce_the_best_val_acc(cifar_dir, tmp_path):
+    cfg = tiny("cnn-baseline", cifar_dir, "phases.0.epochs=3", "phases.0.batch_size=32")
+    summary = train_mod.train(cfg, tmp_path / "run", progress=False)
+    rows = read_metrics(tmp_path / "run")
+    assert summary["val_acc"] == max(r["val_acc"] for r in rows)
+    result = evaluate_run(tmp_path / "run", "val", None)
+    assert result["accuracy"] == pytest.approx(summary["val_acc"], abs=1e-6)
+    assert sum(map(sum, result["confusion_matrix"])) == result["n"] == 100
+    saved = json.loads((tmp_path / "run" / "eval-val.json").read_text())
+    assert set(saved["per_class"]["cat"]) >= {"precision", "recall"}
+    model, meta = load_model(tmp_path / "run")
+    assert not model.training and meta["recipe"] == "cnn-baseline"
+
+
+def test_early_stopping_ends_a_phase(cifar_dir, tmp_path):
+    cfg = tiny(
+        "cnn-baseline", cifar_dir, "phases.0.epochs=30", "phases.0.early_stop_patience=1",
+        "phases.0.lr=1e-9",  # nothing improves, so the phase stops after patience + 1 epochs
+    )
+    train_mod.train(cfg, tmp_path / "run", progress=False)
+    assert len(read_metrics(tmp_path / "run")) < 30
+
+
+def test_a_used_run_dir_is_never_overwritten(cifar_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    cfg = tiny("cnn-baseline", cifar_dir, "phases.0.epochs=1")
+    with pytest.raises(UserError, match="--resume"):
+        train_mod.train(cfg, run, progress=False)
+    assert (run / "notes.txt").read_text() == "mine" and len(list(run.iterdir())) == 1
+
+
+def test_resume_needs_a_run_dir(tmp_path):
+    with pytest.raises(UserError, match="not a run dir"):
+        train_mod.resume(tmp_path, progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_message(cifar_dir, tmp_path):
+    cfg = tiny("cnn-baseline", cifar_dir, "phases.0.epochs=1", "phases.0.lr=1e30",
+               "phases.0.optimizer=sgd")
+    with pytest.raises(UserError, match="lower the lr"):
+        train_mod.train(cfg, tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("recipe", sorted(__import__("cifar_transfer.config").config.recipe_names()))
+def test_every_shipped_recipe_runs_one_tiny_step(recipe, cifar_dir, tmp_path):
+    """The recipe's own backbone, head and freezing, random init, 32 px, one epoch per phase."""
+    cfg = load_recipe(recipe)
+    overrides = ["model.weights=none", "model.resolution=32", "phases.*.resolution=32",
+                 "phases.*.epochs=1", "data.train_limit=40", "phases.*.batch_size=20"]
+    cfg = tiny(recipe, cifar_dir, *overrides)
+    summary = train_mod.train(cfg, tmp_path / recipe, progress=False)
+    assert summary["epochs_run"] == len(cfg.phases)
+    assert (tmp_path / recipe / "model.safetensors").is_file()
