@@ -1,0 +1,99 @@
+"""The command line as a user meets it: listings, one-line errors, predict and evaluate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_transfer.cli import main
+
+COMMON = ["--set", "data.val_size=100", "--set", "run.threads=2", "--set", "run.compile_features=off"]
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(cifar_dir, tmp_path_factory):
+    """A finished one-epoch cnn-baseline run dir."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    rc = main([
+        "train", "--recipe", "cnn-baseline", "--data-dir", str(cifar_dir), "--out", str(out),
+        "--set", "phases.0.epochs=1", "--quiet", *COMMON,
+    ])  # fmt: skip
+    assert rc == 0
+    return out
+
+
+def test_recipes_lists_every_recipe_one_line_each(capsys):
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = {line.split()[0] for line in lines}
+    assert {"default", "seed-frozen-224", "seed-top-finetune", "seed-from-layer-100",
+            "seed-native-32", "cnn-baseline"} <= names
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--recipe", "no-such-recipe"], "unknown recipe"),
+        (["train", "--recipe", "cnn-baseline", "--set", "model.size=3"], "valid keys are"),
+        (["train", "--recipe", "cnn-baseline", "--set", "phases.0.lr=-1"], "phases.0.lr"),
+        (["train", "--recipe", "cnn-baseline", "--data-dir", "/no/such/dir"], "--data-dir"),
+        (["evaluate", "/no/such/run"], "not a run dir"),
+        (["predict", "/no/such/run", "x.png"], "model.json"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_exit_2(argv, fragment, capsys, tmp_path):
+    argv = [a.replace("OUT", str(tmp_path)) for a in argv]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert fragment in error_line(capsys)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifar_transfer", "train", "--recipe", "nope", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown recipe") and "Traceback" not in proc.stderr
+
+
+def test_evaluate_val_and_missing_test_split(trained_run, cifar_dir, capsys):
+    assert main(["evaluate", str(trained_run), "--tta"]) == 0
+    assert "val accuracy" in capsys.readouterr().out
+    saved = json.loads((trained_run / "eval-val.json").read_text())
+    assert saved["tta"] is True and len(saved["confusion_matrix"]) == 10
+    assert main(["evaluate", str(trained_run), "--split", "test"]) == 0  # fixture has test_batch
+    assert json.loads((trained_run / "eval-test.json").read_text())["n"] == 100
+
+
+def test_predict_reports_bad_files_and_still_predicts_the_rest(trained_run, tmp_path, capsys):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((64, 48, 3), 200, np.uint8)).save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    rc = main(["predict", str(trained_run), str(good), str(bad), "--top", "2"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    (line,) = captured.out.strip().splitlines()
+    assert line.startswith(f"{good}:") and line.count(",") == 1  # two classes shown
+    assert f"error: {bad}: not a readable image" in captured.err
+
+
+def test_resume_of_a_finished_run_keeps_its_result(trained_run, capsys):
+    before = (trained_run / "model.safetensors").read_bytes()
+    assert main(["train", "--resume", str(trained_run), "--quiet"]) == 0
+    assert (trained_run / "model.safetensors").read_bytes() == before
