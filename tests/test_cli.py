@@ -65,7 +65,7 @@ def test_bad_input_is_one_error_line_and_exit_2(argv, fragment, capsys, tmp_path
 def test_console_script_prints_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "cifar_transfer", "train", "--recipe", "nope", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown recipe") and "Traceback" not in proc.stderr

@@ -35,7 +35,7 @@ def save_bundle(model: torch.nn.Module, cfg: Config, out: Path, summary: dict[st
         "mean": list(model.spec.mean),
         "std": list(model.spec.std),
         "recipe": cfg.recipe,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **summary,
     }
     save_safetensors(Path(out) / "model.safetensors", model.state_dict(), {"format": FORMAT})

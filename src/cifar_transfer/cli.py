@@ -74,6 +74,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from cifar_transfer import hardware
+    from cifar_transfer.bench import run_bench
+    from cifar_transfer.checkpoint import atomic_write_json
+
+    hardware.set_threads(args.threads)
+    rows = run_bench(
+        args.backbones.split(","), [int(r) for r in args.resolutions.split(",")],
+        args.precisions.split(","), args.modes.split(","), args.batch_size, args.seconds, args.device,
+    )
+    if args.json:
+        atomic_write_json(Path(args.json), rows)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -111,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--top", type=int, default=3, help="how many classes to show (default 3)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("bench", help="throughput table (random-init weights, synthetic images)")
+    p.add_argument("--backbones", default="resnet50", help="comma list (default resnet50)")
+    p.add_argument("--resolutions", default="32,64,128,224", help="comma list of input sizes")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma list: fp32,bf16")
+    p.add_argument("--modes", default="train,infer", help="comma list: train,infer")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=10.0, help="time per cell (at least 2 steps)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -54,7 +54,7 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
         y, p, labels=classes, zero_division=0
     )
     return {
-        "n": int(len(labels)),
+        "n": len(labels),
         "accuracy": float((pred == labels).float().mean()) if len(labels) else float("nan"),
         "loss": float(F.cross_entropy(logits, labels)) if len(labels) else float("nan"),
         "classes": list(CLASSES),

@@ -101,10 +101,11 @@ def cached_features(
     if path.is_file():
         try:
             feats = load_file(path)["features"]
+        except Exception as e:  # noqa: BLE001 - a bad cache file is re-made, never trusted
+            print(f"feature cache {path} unreadable ({type(e).__name__}): extracting again")
+        else:
             if len(feats) == len(images):
                 return feats.to(images.device), time.perf_counter() - t0
-        except Exception:  # noqa: BLE001 - a bad cache file is re-made, never trusted
-            pass
     compile_model = should_compile(compile_setting, len(images), images.device)
     feats = extract_features(
         model, images, resolution, batch_size, precision, channels_last, desc, compile_model

@@ -102,7 +102,7 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step LR schedule: constant or cosine (both with linear warmup), or one-cycle."""
     total = max(1, phase.epochs * steps_per_epoch)
-    warmup = min(total - 1, int(round(phase.warmup_epochs * steps_per_epoch)))
+    warmup = min(total - 1, round(phase.warmup_epochs * steps_per_epoch))
     if phase.schedule == "onecycle":
         pct = warmup / total if warmup > 0 else 0.25
         return torch.optim.lr_scheduler.OneCycleLR(
