@@ -82,8 +82,9 @@ def test_cached_features_equal_live_features(cifar_dir, tmp_path):
     assert torch.equal(again, train_feats)
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(cifar_dir, tmp_path, monkeypatch):
-    cfg = two_phase(cifar_dir)
+@pytest.mark.parametrize("extra", [[], ["run.ema=0.9"]], ids=["plain", "ema"])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(extra, cifar_dir, tmp_path, monkeypatch):
+    cfg = two_phase(cifar_dir, *extra)
     train_mod.train(cfg, tmp_path / "whole", progress=False)
 
     real = train_mod.Trainer._checkpoint
@@ -125,13 +126,16 @@ def test_keep_best_and_evaluate_reproduce_the_best_val_acc(cifar_dir, tmp_path):
     assert not model.training and meta["recipe"] == "cnn-baseline"
 
 
-def test_early_stopping_ends_a_phase(cifar_dir, tmp_path):
+def test_early_stopping_ends_a_phase_and_resume_does_not_reopen_it(cifar_dir, tmp_path):
     cfg = tiny(
         "cnn-baseline", cifar_dir, "phases.0.epochs=30", "phases.0.early_stop_patience=1",
         "phases.0.lr=1e-9",  # nothing improves, so the phase stops after patience + 1 epochs
     )
     train_mod.train(cfg, tmp_path / "run", progress=False)
-    assert len(read_metrics(tmp_path / "run")) < 30
+    stopped = len(read_metrics(tmp_path / "run"))
+    assert stopped < 30
+    train_mod.resume(tmp_path / "run", progress=False)
+    assert len(read_metrics(tmp_path / "run")) == stopped
 
 
 def test_a_used_run_dir_is_never_overwritten(cifar_dir, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 from pathlib import Path
 
@@ -59,19 +60,42 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from cifar_transfer.bundle import load_model
-    from cifar_transfer.predict import predict_images
+    from cifar_transfer.predict import load_predictor, predict_paths
 
-    model, meta = load_model(Path(args.run_dir))
-    failed = 0
-    for pred in predict_images(model, meta, args.images, top_k=args.top):
-        if pred.error:
-            failed += 1
-            print(f"error: {pred.path}: {pred.error}", file=sys.stderr)
-            continue
-        tops = ", ".join(f"{name} {p:.3f}" for name, p in pred.top)
-        print(f"{pred.path}: {tops}")
+    predictor = load_predictor(args.model)
+    preds = predict_paths(predictor, args.images, top_k=args.top, batch_size=args.batch_size)
+    failed = [p for p in preds if p.error]
+    for pred in failed:
+        print(f"error: {pred.path}: {pred.error}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([p.to_json() for p in preds], indent=2))
+    else:
+        for pred in preds:
+            if not pred.error:
+                print(f"{pred.path}: " + ", ".join(f"{name} {p:.3f}" for name, p in pred.top))
     return 1 if failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cifar_transfer.report import build_report
+
+    result = build_report(Path(args.run_dir), args.data_dir)
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {result['path']} and {len(result['figures'])} PNGs beside it")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cifar_transfer.export import export_run
+
+    r = export_run(Path(args.run_dir), args.format, args.out, args.data_dir)
+    print(
+        f"parity on {r['n']} validation images: max |logit diff| {r['max_abs_diff']:.2e}, "
+        f"top-1 agrees {r['top1_agree']}/{r['n']}; batch sizes 1 and 7 checked"
+    )
+    print(f"wrote {r['path']} ({r['bytes'] / 1e6:.1f} MB, {args.format})")
+    return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -94,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
         prog="cifar-transfer",
-        description="Transfer ImageNet CNNs to CIFAR-10: train, evaluate, predict.",
+        description="Transfer ImageNet CNNs to CIFAR-10: train, evaluate, report, predict, export.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,11 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", help="top classes of image files")
-    p.add_argument("run_dir")
-    p.add_argument("images", nargs="+")
+    p = sub.add_parser("predict", help="top classes of image files, folders or globs")
+    p.add_argument("model", metavar="MODEL", help="run dir, model.safetensors, or an exported .onnx")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders, or globs")
     p.add_argument("--top", type=int, default=3, help="how many classes to show (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("report", help="plots and a self-contained report.html in the run dir")
+    p.add_argument("run_dir")
+    p.add_argument("--data-dir", help="CIFAR-10 folder (default: the one the run trained on)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("export", help="ONNX or TorchScript file that takes raw 32x32 images")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    p.add_argument("--out", help="file to write (default: RUN_DIR/model.onnx or model.pt)")
+    p.add_argument("--data-dir", help="CIFAR-10 folder for the parity check (default: the run's)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("bench", help="throughput table (random-init weights, synthetic images)")
     p.add_argument("--backbones", default="resnet50", help="comma list (default resnet50)")

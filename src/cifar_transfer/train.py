@@ -252,12 +252,14 @@ class Trainer:
             if val[1] is not None:
                 stale = 0 if val[1] > phase_best else stale + 1
                 phase_best = max(phase_best, val[1])
-            self._checkpoint(p_idx, epoch + 1, stale, optimizer, scheduler, ema)
-            if phase.early_stop_patience and stale >= phase.early_stop_patience:
+            stop = bool(phase.early_stop_patience) and stale >= phase.early_stop_patience
+            done = stop or epoch + 1 == phase.epochs
+            if done and ema is not None:  # later phases and the final model go on from the average
+                model.load_state_dict(ema.module.state_dict())
+            self._checkpoint(p_idx, epoch + 1, stale, optimizer, scheduler, ema, done)
+            if stop:
                 print(f"early stop: {phase.name} had no val_acc gain for {stale} epochs", flush=True)
                 break
-        if ema is not None:  # later phases and the final model continue from the averaged weights
-            model.load_state_dict(ema.module.state_dict())
 
     def _features(self, res: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Cached frozen-backbone features of the train and val images (extracted once)."""
@@ -298,13 +300,13 @@ class Trainer:
         y = self.data.val_y.cpu()
         return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
 
-    def _checkpoint(self, p_idx, phase_epoch, stale, optimizer, scheduler, ema) -> None:
+    def _checkpoint(self, p_idx, phase_epoch, stale, optimizer, scheduler, ema, done) -> None:
         save_checkpoint(self.out / LAST, {
             "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             # bf16/fp32 need no GradScaler; fp16 is not offered, so there is no scaler state to keep.
             "scaler": None, "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "phase": p_idx, "phase_epoch": phase_epoch, "stale": stale,
+            "phase": p_idx, "phase_epoch": phase_epoch, "phase_done": done, "stale": stale,
             "global_epoch": len(self.metrics), "best_acc": self.best_acc, "best_epoch": self.best_epoch,
         })
 
@@ -325,7 +327,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train every phase (resuming where the checkpoint says), then write the model bundle."""
         first = self.state["phase"] if self.state is not None else 0
-        if self.state is not None and self.state["phase_epoch"] >= self.cfg.phases[first].epochs:
+        if self.state is not None and self.state["phase_done"]:
             first, self.state = first + 1, None
         t0 = time.perf_counter()
         for p_idx in range(first, len(self.cfg.phases)):

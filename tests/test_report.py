@@ -1,0 +1,181 @@
+"""The run report as a person sees it: one self-contained HTML file, real figures, a real browser."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifar_transfer.cli import main
+from cifar_transfer.config import apply_overrides, load_recipe
+from cifar_transfer.report import confident_mistakes, curves_figure, sample_indices
+from cifar_transfer.train import train
+
+SECTIONS = (
+    "Training curves", "Confusion matrix", "Per-class precision and recall", "Sample predictions",
+    "Most confident mistakes", "Environment", "Resolved config",
+)  # fmt: skip
+FIGURES = ("curves", "confusion", "per-class", "samples", "mistakes")
+
+
+@pytest.fixture(scope="module")
+def run(cifar_dir, tmp_path_factory) -> Path:
+    """A finished, never-evaluated two-epoch cnn-baseline run, with its report built."""
+    out = tmp_path_factory.mktemp("report") / "run"
+    cfg = apply_overrides(load_recipe("cnn-baseline"), [
+        f"data.data_dir={cifar_dir}", "data.val_size=100", "phases.0.epochs=2",
+        "run.threads=1", "run.compile_features=off",
+    ])  # fmt: skip
+    train(cfg, out, progress=False)
+    # Text that must be shown, not run: the report escapes everything it copies from the run.
+    with (out / "config.toml").open("a") as f:
+        f.write('\n# a note with markup: <script>alert("x")</script> & <b>bold</b>\n')
+    assert not (out / "eval-val.json").exists()
+    assert main(["report", str(out)]) == 0
+    return out
+
+
+class Tags(HTMLParser):
+    """Every start tag with its attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def parse(html: str) -> list[tuple[str, dict[str, str | None]]]:
+    parser = Tags()
+    parser.feed(html)
+    return parser.tags
+
+
+def test_report_is_one_self_contained_file_with_every_section(run):
+    html = (run / "report.html").read_text()
+    tags = parse(html)
+    imgs = [attrs for tag, attrs in tags if tag == "img"]
+    assert len(imgs) == len(FIGURES)
+    assert all(a["src"].startswith("data:image/png;base64,") and a.get("alt") for a in imgs)
+    for tag, attrs in tags:  # nothing fetched from anywhere: no src/href outside data: URIs
+        for key in ("src", "href", "srcset", "data"):
+            assert not attrs.get(key) or attrs[key].startswith("data:"), (tag, attrs)
+    assert not any(tag in {"link", "iframe", "object", "embed"} for tag, _ in tags)
+    assert not re.search(r"url\(|@import|https?://|file:", html)
+    headings = re.findall(r"<h2[^>]*>(.*?)</h2>", html)
+    assert all(any(h.startswith(s) for h in headings) for s in SECTIONS), headings
+    # The config is there, escaped: its markup shows as text and never runs.
+    assert 'recipe = &quot;cnn-baseline&quot;' in html
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &lt;b&gt;bold" in html
+    assert "<script>alert" not in html and html.count("<script>") == 1  # the image check only
+    assert "torch" in html and "cpu" in html and "fp32" in html  # the environment
+
+
+def test_figures_are_real_pngs_beside_the_report_and_the_same_as_embedded(run):
+    html = (run / "report.html").read_text()
+    embedded = [base64.b64decode(s) for s in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
+    for name in FIGURES:
+        data = (run / f"{name}.png").read_bytes()
+        assert data in embedded, name
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        assert 450 <= img.width <= 2000 and 300 <= img.height <= 2500, (name, img.size)
+        pixels = np.asarray(img).reshape(-1, 3)
+        assert len(np.unique(pixels, axis=0)) > 50, name  # drawn, not a blank canvas
+        assert (pixels.min(1) < 200).mean() > 0.02, name
+
+
+def test_missing_eval_is_computed_and_written(run):
+    saved = json.loads((run / "eval-val.json").read_text())
+    assert saved["n"] == 100 and saved["split"] == "val" and len(saved["confusion_matrix"]) == 10
+    assert sum(map(sum, saved["confusion_matrix"])) == 100
+    html = (run / "report.html").read_text()
+    assert f"{saved['accuracy']:.2%}" in html
+
+
+def test_grids_pick_fixed_samples_and_the_most_confident_mistakes():
+    assert sample_indices(100) == sample_indices(100) and len(set(sample_indices(100))) == 16
+    assert sample_indices(5) == [0, 1, 2, 3, 4]
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    labels = torch.tensor([0, 0, 1, 0])  # wrong: 1 (p .8), 2 (p .6), 3 (p .7)
+    assert confident_mistakes(probs, labels) == [1, 3, 2]
+
+
+def test_curves_name_every_phase_with_its_resolution():
+    rows = [
+        {"phase": p, "phase_name": name, "epoch": e, "train_loss": 1.0 / e, "train_acc": 0.1 * e,
+         "val_loss": None if e == 1 else 1.2 / e, "val_acc": None if e == 1 else 0.09 * e,
+         "lr": lr, "resolution": res, "seconds": 1.0}
+        for e, (p, name, lr, res) in enumerate(
+            [(0, "head", 0.1, 128)] * 2 + [(1, "full", 0.01, 128)] * 3 + [(2, "full-224", 1e-3, 224)],
+            start=1,
+        )
+    ]
+    fig = curves_figure(rows)
+    loss_ax = fig.axes[0]
+    labels = [t.get_text() for t in loss_ax.texts]
+    assert labels == ["head\n128 px", "full\n128 px", "full-224\n224 px"]
+    assert fig.axes[2].get_yscale() == "log"  # LR over two decades
+
+
+def test_report_without_the_images_still_shows_curves_and_metrics(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for name in FIGURES:
+        (copy / f"{name}.png").unlink()
+    assert main(["report", str(copy), "--data-dir", str(tmp_path / "gone")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("note: the sample grids need") and "--data-dir" in captured.err
+    html = (copy / "report.html").read_text()
+    assert html.count("<img ") == 3 and "Not available without the images" in html
+    assert not (copy / "samples.png").exists()
+
+
+def test_report_of_a_non_run_is_one_error_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "not a run dir" in err[0]
+
+
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--hide-scrollbars",
+)  # fmt: skip
+
+
+def test_report_renders_in_headless_chromium(run, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium when it can)")
+    url = (run / "report.html").resolve().as_uri()
+    shot = tmp_path / "report.png"
+    common = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    subprocess.run(
+        [*common, f"--screenshot={shot}", "--window-size=1200,3000", url],
+        capture_output=True, timeout=120, check=True,
+    )
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (3000, 1200)
+    non_white = (img.min(2) < 235).mean()
+    colours = len(np.unique(img.reshape(-1, 3), axis=0))
+    assert non_white > 0.10 and colours > 500, (non_white, colours)
+    # The report's own script counts the images that decoded; --dump-dom shows the result.
+    dom = subprocess.run(
+        [*common, "--dump-dom", "--virtual-time-budget=5000", url],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    loaded = re.search(r'data-images-loaded="(\d+)"', dom)
+    total = re.search(r'data-images-total="(\d+)"', dom)
+    assert loaded and total, dom[:300]
+    assert int(loaded.group(1)) == int(total.group(1)) == len(FIGURES)
