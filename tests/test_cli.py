@@ -97,3 +97,18 @@ def test_resume_of_a_finished_run_keeps_its_result(trained_run, capsys):
     before = (trained_run / "model.safetensors").read_bytes()
     assert main(["train", "--resume", str(trained_run), "--quiet"]) == 0
     assert (trained_run / "model.safetensors").read_bytes() == before
+
+
+def test_bench_writes_one_row_per_cell(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main([
+        "bench", "--backbones", "cnn", "--resolutions", "32,48", "--precisions", "fp32",
+        "--modes", "train,infer", "--batch-size", "4", "--seconds", "0.05", "--json", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert [(r["resolution"], r["mode"]) for r in rows] == [
+        (32, "train"), (32, "infer"), (48, "train"), (48, "infer")
+    ]
+    assert all(r["img_per_s"] > 0 and r["steps"] >= 2 for r in rows)
+    assert len(capsys.readouterr().out.strip().splitlines()) == 5  # 4 rows + "wrote"

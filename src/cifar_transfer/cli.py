@@ -92,7 +92,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     r = export_run(Path(args.run_dir), args.format, args.out, args.data_dir)
     print(
         f"parity on {r['n']} validation images: max |logit diff| {r['max_abs_diff']:.2e}, "
-        f"top-1 agrees {r['top1_agree']}/{r['n']}; batch sizes 1 and 7 checked"
+        f"top-1 agrees {r['top1_agree']}/{r['n']}; also checked {', '.join(r['also_checked'])}"
     )
     print(f"wrote {r['path']} ({r['bytes'] / 1e6:.1f} MB, {args.format})")
     return 0

@@ -198,7 +198,7 @@ def export_run(
     if out.is_dir():
         raise UserError(f"--out {out} is a folder: give a file path, e.g. {out / ('model' + SUFFIX[fmt])}")
     if parity_images is None:
-        split = run_split(run_dir, data_dir, purpose="the export parity check")
+        split = run_split(run_dir, data_dir, purpose="the export parity check needs")
         parity_images = split.images[:PARITY_IMAGES]
     images = parity_images.cpu()
     model = model.float()
@@ -243,6 +243,9 @@ def export_run(
                 f"nothing written; try the other --format, or report it with the backbone name "
                 f"({meta['backbone']})"
             )
-    result.update({"format": fmt, "path": str(out), "bytes": len(data), "export_seconds": seconds})
+    result.update({
+        "format": fmt, "path": str(out), "bytes": len(data), "export_seconds": seconds,
+        "also_checked": [label.strip() for label, _ in checks[1:]],
+    })
     atomic_write_bytes(out, data)
     return result

@@ -49,7 +49,9 @@ class RunSplit:
     data_dir: Path
 
 
-def run_split(run_dir: str | Path, data_dir: str | None = None, purpose: str = "this") -> RunSplit:
+def run_split(
+    run_dir: str | Path, data_dir: str | None = None, purpose: str = "this needs"
+) -> RunSplit:
     """Re-create a run's validation split from its config.toml (test_batch when val_size=0)."""
     run_dir = Path(run_dir)
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent
@@ -64,10 +66,9 @@ def run_split(run_dir: str | Path, data_dir: str | None = None, purpose: str = "
         x, y = load_split(batches, "test")
         return RunSplit("test", x, y, batches)
     except UserError as e:
-        raise UserError(
-            f"{purpose} needs the run's CIFAR-10 images ({e}); pass --data-dir pointing at the "
-            f"cifar-10-batches-py folder the run trained on"
-        ) from None
+        fix = "" if "--data-dir" in str(e) else (
+            "; pass --data-dir pointing at the cifar-10-batches-py folder the run trained on")
+        raise UserError(f"{purpose} the run's CIFAR-10 images: {e}{fix}") from None
 
 
 # --------------------------------------------------------------------------- reading the run
@@ -175,9 +176,12 @@ def curves_figure(rows: list[dict]) -> Figure:
     best = [(r["val_acc"], r["epoch"]) for r in rows if r.get("val_acc") is not None]
     if best:
         acc, epoch = max(best)
+        train_acc = next((r.get("train_acc") for r in rows if r["epoch"] == epoch), None)
+        below = train_acc is not None and train_acc > acc  # keep the label off the train curve
         ax_acc.annotate(
-            f"best val {acc:.1%}", (epoch, acc), xytext=(0, 7), textcoords="offset points",
-            ha="center", va="bottom", fontsize=8.5, color=VAL_COLOUR,
+            f"best val {acc:.1%}", (epoch, acc), xytext=(0, -9 if below else 7),
+            textcoords="offset points", ha="center", va="top" if below else "bottom",
+            fontsize=8.5, color=VAL_COLOUR,
         )
     x, y = series("lr")
     ax_lr.plot(x, y, color="#6e40c9", marker=marker, markersize=3.5, lw=1.8)
@@ -367,6 +371,12 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2%}"
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def _per_class_table(per_class: dict[str, dict], classes: list[str]) -> str:
     head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
     body = "".join(
@@ -390,7 +400,8 @@ def render_html(
         (f"{split} accuracy (evaluate)", _pct(evaluation["accuracy"]) if evaluation else "n/a"),
         (f"{split} loss", f"{evaluation['loss']:.4f}" if evaluation else "n/a"),
         ("epochs run", str(meta.get("epochs_run", len(rows)))),
-        ("training time", f"{sum(r.get('seconds', 0.0) for r in rows) / 60:.1f} min"),
+        ("training time", _duration(sum(r.get("seconds", 0.0) + r.get("extract_seconds", 0.0)
+                                        for r in rows))),
     ]
     parts = [
         f"<h1>{_esc(title)}</h1>",
@@ -480,7 +491,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None) -> dict:
     notes: list[str] = []
     preds = None
     try:
-        preds = predict_split(run_dir, run_split(run_dir, data_dir, purpose="the sample grids"))
+        preds = predict_split(run_dir, run_split(run_dir, data_dir, purpose="the sample grids need"))
     except UserError as e:
         notes.append(str(e))
     evaluation = eval_results(run_dir, preds)
