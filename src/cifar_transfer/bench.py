@@ -28,6 +28,7 @@ class Cell:
     img_per_s: float
     device: str
     threads: int
+    memory_format: str
 
 
 def _sync(device: torch.device) -> None:
@@ -82,6 +83,7 @@ def measure(
     return Cell(
         backbone, resolution, precision, mode, batch_size, n, round(elapsed, 2),
         round(n * batch_size / elapsed, 2), str(device), torch.get_num_threads(),
+        "channels_last" if channels_last else "nchw",
     )
 
 
@@ -93,15 +95,18 @@ def run_bench(
     batch_size: int,
     seconds: float,
     device_name: str = "auto",
+    memory_formats: tuple[str, ...] = ("channels_last",),
 ) -> list[dict]:
     """Measure every combination; print each row as it lands."""
     device = hardware.pick_device(device_name)
     rows = []
-    for b, r, p, m in itertools.product(backbones, resolutions, precisions, modes):
-        cell = measure(b, r, p, m, batch_size, seconds, device)
+    grid = itertools.product(backbones, resolutions, precisions, modes, memory_formats)
+    for b, r, p, m, fmt in grid:
+        cell = measure(b, r, p, m, batch_size, seconds, device, fmt == "channels_last")
         rows.append(asdict(cell))
         print(
-            f"{b:20s} {r:4d}px {p:5s} {m:6s} bs {batch_size:3d}: {cell.img_per_s:9.2f} img/s "
+            f"{b:20s} {r:4d}px {p:5s} {m:6s} {fmt:13s} bs {batch_size:3d}: "
+            f"{cell.img_per_s:9.2f} img/s "
             f"({cell.steps} steps, {cell.seconds:.1f}s)",
             flush=True,
         )

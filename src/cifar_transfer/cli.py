@@ -22,7 +22,7 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cifar_transfer import train
+    from cifar_transfer import distributed, train
     from cifar_transfer.config import apply_overrides, load_recipe
 
     if args.resume:
@@ -38,10 +38,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.weights:
             overrides.append(f"model.weights={args.weights}")
         cfg = apply_overrides(cfg, overrides)
+        if distributed.launched() and not args.out:
+            raise UserError("under torchrun every process writes the same run dir: pass --out RUN_DIR")
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.recipe}-{stamp}"
-        print(f"run dir: {out}", flush=True)
+        if distributed.is_main():
+            print(f"run dir: {out}", flush=True)
         summary = train.train(cfg, out, progress=not args.quiet)
+    if not distributed.is_main():  # under torchrun rank 0 reports
+        return 0
     acc = summary["val_acc"]
     score = "no validation split" if acc is None else f"val_acc {acc:.4f} (epoch {summary['best_epoch']})"
     print(f"done: {score}, model in {out / 'model.safetensors'}")
@@ -107,6 +112,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     rows = run_bench(
         args.backbones.split(","), [int(r) for r in args.resolutions.split(",")],
         args.precisions.split(","), args.modes.split(","), args.batch_size, args.seconds, args.device,
+        tuple(args.memory_formats.split(",")),
     )
     if args.json:
         atomic_write_json(Path(args.json), rows)
@@ -171,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolutions", default="32,64,128,224", help="comma list of input sizes")
     p.add_argument("--precisions", default="fp32,bf16", help="comma list: fp32,bf16")
     p.add_argument("--modes", default="train,infer", help="comma list: train,infer")
+    p.add_argument("--memory-formats", default="channels_last", help="channels_last,nchw")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seconds", type=float, default=10.0, help="time per cell (at least 2 steps)")
     p.add_argument("--device", default="auto")

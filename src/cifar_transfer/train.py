@@ -1,22 +1,28 @@
-"""Phases and the training loop: device-resident data, AMP, EMA, schedules, early stop, checkpoint/resume."""
+"""Phases and the training loop: device-resident data, AMP, EMA, schedules, early stop,
+checkpoint/resume, and DistributedDataParallel under torchrun (see distributed.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from cifar_transfer import bundle, hardware
+from cifar_transfer import bundle, distributed, hardware, runlock
 from cifar_transfer.checkpoint import (
     atomic_write_text,
+    is_temp_file,
     load_checkpoint,
+    remove_stale_temp_files,
     save_checkpoint,
     save_safetensors,
 )
@@ -126,14 +132,20 @@ class Trainer:
     """One run: builds everything from a Config, trains its phases, writes the run dir."""
 
     def __init__(self, cfg: Config, out: Path, resume: bool = False, progress: bool = True):
-        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        # Under torchrun only rank 0 prints and writes; every rank computes the same state.
+        self.main = distributed.is_main()
+        self.cfg, self.out, self.progress = cfg, Path(out), progress and self.main
+        self.world = distributed.world_size()
+        check_batch_sizes(cfg, self.world)
         hardware.set_threads(cfg.run.threads)
-        self.device = hardware.pick_device(cfg.run.device)
+        self.device = distributed.rank_device(hardware.pick_device(cfg.run.device))
         self.precision = hardware.pick_precision(cfg.run.precision, self.device)
         self.state = load_checkpoint(self.out / LAST) if resume else None
         torch.manual_seed(cfg.run.seed)
         self.data = load_data(cfg, self.device)
         self.model = create_model(cfg.model.backbone, cfg.model.weights, cfg.model.head).to(self.device)
+        if self.world > 1:  # BatchNorm over the global batch, as one process would compute it
+            self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         if cfg.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.gen = torch.Generator().manual_seed(cfg.run.seed + 1)
@@ -153,7 +165,9 @@ class Trainer:
 
     def _log_epoch(self, row: dict) -> None:
         self.metrics.append(row)
-        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
+        if self.main:
+            text = "".join(json.dumps(r) + "\n" for r in self.metrics)
+            atomic_write_text(self.out / "metrics.jsonl", text)
 
     # -- one phase -----------------------------------------------------------------------------
     def _evaluated_model(self, ema: AveragedModel | None) -> torch.nn.Module:
@@ -187,7 +201,11 @@ class Trainer:
                 ema.load_state_dict(self.state["ema"])
             start_epoch, stale = self.state["phase_epoch"], self.state["stale"]
         self.state = None  # consumed: later phases start fresh
-        forward = torch.compile(net) if cfg.run.compile and not cached else net
+        train_net = net
+        if self.world > 1:  # a new wrapper per phase: each phase trains other parameters
+            ids = [self.device] if self.device.type == "cuda" else None
+            train_net = DistributedDataParallel(net, device_ids=ids)
+        forward = torch.compile(train_net) if cfg.run.compile and not cached else train_net
         phase_best = max(
             (m["val_acc"] for m in self.metrics if m["phase"] == p_idx and m["val_acc"] is not None),
             default=-1.0,
@@ -204,12 +222,17 @@ class Trainer:
             )
             seen = 0
             for idx in bar:
+                if len(idx) < self.world:  # a tail batch too small to give every rank an image
+                    continue
+                # Every rank draws the same global batch (and its augmentation) from the shared
+                # generator, then trains on its own slice: world size 1 takes all of it.
+                part = distributed.shard(len(idx))
                 idx_dev = idx.to(self.device)
-                y = data.train_y[idx_dev]
+                y = data.train_y[idx_dev[part]]
                 if cached:
-                    x = train_in[idx_dev]
+                    x = train_in[idx_dev[part]]
                 else:
-                    x = augment(data.train_x[idx_dev], phase.augment, self.gen)
+                    x = augment(data.train_x[idx_dev], phase.augment, self.gen)[part]
                     x = to_model_input(x, res, spec.mean, spec.std, cfg.run.channels_last)
                 with hardware.autocast(self.device, self.precision):
                     logits = forward(x)
@@ -220,7 +243,13 @@ class Trainer:
                         f"the lr ({phase.lr}); the last good checkpoint is {self.out / LAST}"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # DDP averages gradients over ranks; weighting each slice by its share of the
+                # global batch makes that the global batch's mean even when slices differ in size.
+                share = len(y) * self.world / len(idx)
+                (loss if share == 1 else loss * share).backward()
+                import os as _os
+                if _os.environ.get('CT_DEBUG'):
+                    _t = distributed.all_reduce_sum(loss.detach().clone() * len(y)); print('STEP', phase.name, epoch, float(_t) / len(idx), flush=True)
                 optimizer.step()
                 scheduler.step()
                 if ema is not None:
@@ -231,6 +260,10 @@ class Trainer:
                 if self.progress:
                     bar.set_postfix(img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
             bar.close()
+            if self.world > 1:  # sums over every rank's slices
+                seen_t = torch.tensor(float(seen), dtype=torch.float64, device=self.device)
+                totals = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(), seen_t]))
+                loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
             train_seconds = time.perf_counter() - t0
             val = self._validate(cached, val_in, res, ema)
             row = {
@@ -246,7 +279,7 @@ class Trainer:
             self._print_epoch(row, phase)
             if val[1] is not None and val[1] > self.best_acc:
                 self.best_acc, self.best_epoch = val[1], row["epoch"]
-                if cfg.run.keep_best:
+                if cfg.run.keep_best and self.main:
                     weights = self._evaluated_model(ema).state_dict()
                     save_safetensors(self.out / BEST, weights, {"epoch": str(row["epoch"])})
             if val[1] is not None:
@@ -258,27 +291,33 @@ class Trainer:
                 model.load_state_dict(ema.module.state_dict())
             self._checkpoint(p_idx, epoch + 1, stale, optimizer, scheduler, ema, done)
             if stop:
-                print(f"early stop: {phase.name} had no val_acc gain for {stale} epochs", flush=True)
+                if self.main:
+                    print(f"early stop: {phase.name} had no val_acc gain for {stale} epochs", flush=True)
                 break
 
     def _features(self, res: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Cached frozen-backbone features of the train and val images (extracted once)."""
+        """Cached frozen-backbone features of the train and val images (extracted once).
+
+        Under torchrun rank 0 extracts them into the cache while the others wait, then they read
+        them (a rank that cannot see rank 0's cache folder, e.g. on another machine, extracts too).
+        """
         cfg, model, data = self.cfg, self.model, self.data
         folder = default_cache_dir() / "features"
         seconds = 0.0
         out = []
-        for name, x, y in (("train", data.train_x, data.train_y), ("val", data.val_x, data.val_y)):
-            key = cache_key(
-                cfg.model.backbone, cfg.model.weights, cfg.model.head, res, self.precision,
-                fingerprint(x, y),
-            )
-            feats, s = cached_features(
-                folder, key, model, x, res, cfg.run.eval_batch_size, self.precision,
-                cfg.run.channels_last, desc=f"{name} features",
-                compile_setting=cfg.run.compile_features,
-            )
-            out.append(feats)
-            seconds += s
+        with distributed.main_first():
+            for name, x, y in (("train", data.train_x, data.train_y), ("val", data.val_x, data.val_y)):
+                key = cache_key(
+                    cfg.model.backbone, cfg.model.weights, cfg.model.head, res, self.precision,
+                    fingerprint(x, y),
+                )
+                feats, s = cached_features(
+                    folder, key, model, x, res, cfg.run.eval_batch_size, self.precision,
+                    cfg.run.channels_last, desc=f"{name} features",
+                    compile_setting=cfg.run.compile_features,
+                )
+                out.append(feats)
+                seconds += s
         return out[0], out[1], seconds
 
     def _validate(
@@ -286,6 +325,8 @@ class Trainer:
     ) -> tuple[float | None, float | None]:
         if len(self.data.val_y) == 0:  # val_size=0: nothing to measure (JSON has no NaN)
             return None, None
+        if self.world > 1:
+            return self._validate_shards(cached, val_in, res, ema)
         if cached:
             self.model.head.eval()
             with torch.inference_mode():
@@ -300,7 +341,35 @@ class Trainer:
         y = self.data.val_y.cpu()
         return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
 
+    def _validate_shards(
+        self, cached: bool, val_in: torch.Tensor, res: int, ema: AveragedModel | None
+    ) -> tuple[float, float]:
+        """Each rank scores its slice of the validation images; loss and hits are summed."""
+        part = distributed.shard(len(val_in))
+        x, y = val_in[part], self.data.val_y[part]
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if len(y):
+            if cached:
+                self.model.head.eval()
+                with torch.inference_mode():
+                    logits = self.model.head(x).float()
+            else:
+                spec = self.model.spec
+                logits = predict_logits(
+                    self._evaluated_model(ema), x, res, spec.mean, spec.std,
+                    self.cfg.run.eval_batch_size, self.precision, self.cfg.run.channels_last,
+                ).to(self.device)
+            sums[0] = F.cross_entropy(logits, y, reduction="sum").double()
+            sums[1] = (logits.argmax(1) == y).sum().double()
+        loss_sum, hits = distributed.all_reduce_sum(sums).tolist()
+        n = len(val_in)
+        # float32 division, as the one-process mean computes it, so best-epoch ties compare equal
+        # when a run is resumed under another world size.
+        return loss_sum / n, float(torch.tensor(hits, dtype=torch.float32) / n)
+
     def _checkpoint(self, p_idx, phase_epoch, stale, optimizer, scheduler, ema, done) -> None:
+        if not self.main:
+            return
         save_checkpoint(self.out / LAST, {
             "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
@@ -334,7 +403,7 @@ class Trainer:
             phase = self.cfg.phases[p_idx]
             if phase.epochs > 0:
                 self.run_phase(p_idx, phase)
-        if self.cfg.run.keep_best and (self.out / BEST).is_file():
+        if self.cfg.run.keep_best and self.main and (self.out / BEST).is_file():
             from safetensors.torch import load_file
 
             self.model.load_state_dict(load_file(self.out / BEST, device=str(self.device)))
@@ -347,21 +416,67 @@ class Trainer:
             "train_images": len(self.data.train_y), "val_images": len(self.data.val_y),
             **hardware.describe(self.device, self.precision),
         }
-        bundle.save_bundle(self.model, self.cfg, self.out, summary)
+        if self.main:
+            bundle.save_bundle(self.model, self.cfg, self.out, summary)
         return summary
 
 
-def prepare_run_dir(out: Path, cfg: Config) -> None:
-    """Refuse to write into a run dir that already holds files; write the resolved config."""
+def check_batch_sizes(cfg: Config, world: int) -> None:
+    """Under torchrun each phase's batch_size is the global batch: it must split evenly over ranks."""
+    for i, phase in enumerate(cfg.phases):
+        if phase.epochs > 0 and phase.batch_size % world:
+            raise UserError(
+                f"phases.{i}.batch_size {phase.batch_size} (the global batch) does not split "
+                f"evenly over {world} processes: start a number of processes that divides it, or "
+                f"set a batch size that is a multiple of {world}"
+            )
+
+
+def _run_files(out: Path) -> list[Path]:
+    """What a run dir holds besides its lock and temp files that a killed writer left."""
+    return [p for p in out.iterdir() if p.name != runlock.LOCK_NAME and not is_temp_file(p)]
+
+
+def claim_run_dir(out: Path, new: bool) -> runlock.RunLock:
+    """Lock the run dir for this process; a new run also needs it empty. Cleans killed writes."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a folder path for the run")
-    if out.is_dir() and any(out.iterdir()):
+    if new:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file: give a folder path for the run")
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+    elif not out.is_dir():
+        raise UserError(f"{out} is not a run dir: pass the --out of an earlier train")
+    try:
+        lock = runlock.acquire(out)
+    except BaseException:
+        if new and created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    if new and _run_files(out):
+        lock.release()
         raise UserError(
             f"run dir {out} is not empty: choose a new --out, or continue it with --resume {out}"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.toml", to_toml(cfg))
+    remove_stale_temp_files(out)  # safe now: nobody else writes here
+    return lock
+
+
+@contextlib.contextmanager
+def _holding(out: Path, new: bool) -> Iterator[None]:
+    """Rank 0 holds the run dir's lock for the body; a refusal stops every rank."""
+    out = Path(out)
+    existed = out.exists()
+    locks = []
+    distributed.main_only(lambda: locks.append(claim_run_dir(out, new)))
+    try:
+        yield
+    finally:
+        for lock in locks:
+            lock.release()
+        if new and not existed and locks and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # bad input stopped a new run before it wrote anything: leave no trace
 
 
 def load_run_config(out: Path) -> Config:
@@ -375,19 +490,23 @@ def load_run_config(out: Path) -> Config:
 
 
 def train(cfg: Config, out: Path, progress: bool = True) -> dict:
-    """Start a new run in `out` and train it to the end."""
-    prepare_run_dir(out, cfg)
-    return Trainer(cfg, out, resume=False, progress=progress).fit()
+    """Start a new run in `out` and train it to the end (under torchrun: on every rank)."""
+    out = Path(out)
+    with distributed.process_group(hardware.pick_device(cfg.run.device)), _holding(out, new=True):
+        # Data and model are checked before the first file is written, so bad input leaves no run dir.
+        trainer = Trainer(cfg, out, resume=False, progress=progress)
+        if trainer.main:
+            atomic_write_text(out / "config.toml", to_toml(cfg))
+        return trainer.fit()
 
 
 def resume(out: Path, progress: bool = True) -> dict:
-    """Continue the run in `out` from its last checkpoint, to the same result as an unbroken run."""
+    """Continue the run in `out` from its last checkpoint, to the same result as an unbroken run.
+
+    The checkpoint holds no per-rank state, so a run may resume under another number of processes.
+    """
+    out = Path(out)
     cfg = load_run_config(out)
-    if not (Path(out) / LAST).is_file():
-        return train_fresh_in_place(cfg, out, progress)
-    return Trainer(cfg, out, resume=True, progress=progress).fit()
-
-
-def train_fresh_in_place(cfg: Config, out: Path, progress: bool) -> dict:
-    """A run killed before its first checkpoint starts over in its own dir."""
-    return Trainer(cfg, out, resume=False, progress=progress).fit()
+    with distributed.process_group(hardware.pick_device(cfg.run.device)), _holding(out, new=False):
+        # A run killed before its first checkpoint starts over in its own dir.
+        return Trainer(cfg, out, resume=(out / LAST).is_file(), progress=progress).fit()

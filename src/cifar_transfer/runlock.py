@@ -1,0 +1,85 @@
+"""One writer per run dir: an flock on RUN_DIR/.lock, held for the life of the run.
+
+The kernel drops an flock when its process dies, however it dies (SIGKILL, OOM, power loss of a
+network client aside), so a killed run never leaves a lock that needs cleaning up by hand: the
+next `--resume` simply takes it. The file's text (pid and host) only serves the error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+from pathlib import Path
+
+from cifar_transfer.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there are not protected against a second writer
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """A held lock on a run dir; release() frees it (and removes the file if this lock made it)."""
+
+    def __init__(self, path: Path, fd: int | None, created: bool) -> None:
+        self.path, self._fd, self._created = path, fd, created
+
+    def release(self) -> None:
+        """Give the run dir back; deleting the file while still holding it keeps takers correct."""
+        if self._fd is None:
+            return
+        if self._created:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+
+def _holder(fd: int) -> str:
+    """'pid N on host H' as the holder wrote it, or a neutral phrase."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        text = os.pread(fd, 200, 0).decode().strip()
+        if text:
+            return text
+    return "another process"
+
+
+def acquire(run_dir: Path) -> RunLock:
+    """Lock `run_dir` for this process or raise a UserError naming the process that holds it."""
+    path = Path(run_dir) / LOCK_NAME
+    if fcntl is None:
+        return RunLock(path, None, False)
+    while True:
+        created = not path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise UserError(
+                f"run dir {run_dir} is in use by {holder} (a cifar-transfer train is writing it): "
+                f"let it finish or stop it, then continue it with --resume {run_dir}; "
+                f"or choose another --out"
+            ) from None
+        except OSError as e:  # a filesystem without flock (some network mounts): say so, go on
+            print(f"note: cannot lock {path} ({e.strerror}): make sure no other run writes to "
+                  f"{run_dir}", file=sys.stderr)
+            return RunLock(path, fd, created)
+        # The holder may have deleted the file between our open() and flock(): then we hold a lock
+        # on a file nobody else will see, so start over on the current one.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+    return RunLock(path, fd, created)
