@@ -160,24 +160,23 @@ class CpuSyncBatchNorm(_BatchNorm):
         """Normalize with the global batch's statistics in training, else like BatchNorm."""
         if not (self.training and active()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        # The functional all_reduce is autograd-aware: its backward all-reduces the gradients, so
+        # each rank's slice also receives the other slices' share through the statistics.
+        from torch.distributed._functional_collectives import all_reduce
+
+        def summed(t: torch.Tensor) -> torch.Tensor:
+            return all_reduce(t, "sum", dist.group.WORLD)
 
         c = x.shape[1]
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, c] + [1] * (x.dim() - 2)
         xf = x.float()
-        # Sums of x - shift: with the running mean as shift, E[x^2] - E[x]^2 cancels little.
-        if self.running_mean is not None:
-            shift = self.running_mean.detach().float()
-        else:
-            shift = torch.zeros(c, device=x.device)
-        centered = xf - shift.view(shape)
+        # Two passes (mean, then squared deviations), as precise as one process's BatchNorm.
         count = torch.full((1,), x.numel() / c, dtype=torch.float32, device=x.device)
-        stats = all_reduce(torch.cat([centered.sum(dims), (centered * centered).sum(dims), count]))
-        n = stats[-1]
-        mean_c = stats[:c] / n
-        var = (stats[c : 2 * c] / n - mean_c * mean_c).clamp_min(0)
-        mean = mean_c + shift
+        sums = summed(torch.cat([xf.sum(dims), count]))
+        n = sums[-1]
+        mean = sums[:c] / n
+        var = summed(((xf - mean.view(shape)) ** 2).sum(dims)) / n
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -53,7 +53,8 @@ class TorchPredictor:
     """A model bundle (run dir or model.safetensors) run by PyTorch in fp32."""
 
     def __init__(self, model: torch.nn.Module, meta: dict) -> None:
-        self.model, self.meta = model, meta
+        # channels_last: measured 1.1-1.5x faster on this project's CPU (cnn, resnet18, lite0).
+        self.model, self.meta = model.to(memory_format=torch.channels_last), meta
         self.classes = list(meta["classes"])
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ class TorchPredictor:
         device = next(self.model.parameters()).device
         return predict_logits(
             self.model, images.to(device), self.meta["resolution"], self.meta["mean"],
-            self.meta["std"], max(1, len(images)), "fp32", channels_last=False,
+            self.meta["std"], max(1, len(images)), "fp32", channels_last=True,
         )
 
 

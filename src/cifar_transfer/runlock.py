@@ -24,18 +24,17 @@ LOCK_NAME = ".lock"
 
 
 class RunLock:
-    """A held lock on a run dir; release() frees it (and removes the file if this lock made it)."""
+    """A held lock on a run dir; release() frees it and removes the file."""
 
-    def __init__(self, path: Path, fd: int | None, created: bool) -> None:
-        self.path, self._fd, self._created = path, fd, created
+    def __init__(self, path: Path, fd: int | None) -> None:
+        self.path, self._fd = path, fd
 
     def release(self) -> None:
-        """Give the run dir back; deleting the file while still holding it keeps takers correct."""
+        """Give the run dir back. The file goes while still locked: acquire() checks for that."""
         if self._fd is None:
             return
-        if self._created:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
         os.close(self._fd)
         self._fd = None
 
@@ -53,10 +52,15 @@ def acquire(run_dir: Path) -> RunLock:
     """Lock `run_dir` for this process or raise a UserError naming the process that holds it."""
     path = Path(run_dir) / LOCK_NAME
     if fcntl is None:
-        return RunLock(path, None, False)
+        return RunLock(path, None)
     while True:
-        created = not path.exists()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(
+                f"cannot write in run dir {run_dir} ({e.strerror}): make it writable, or choose "
+                f"another --out"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -70,7 +74,7 @@ def acquire(run_dir: Path) -> RunLock:
         except OSError as e:  # a filesystem without flock (some network mounts): say so, go on
             print(f"note: cannot lock {path} ({e.strerror}): make sure no other run writes to "
                   f"{run_dir}", file=sys.stderr)
-            return RunLock(path, fd, created)
+            return RunLock(path, fd)
         # The holder may have deleted the file between our open() and flock(): then we hold a lock
         # on a file nobody else will see, so start over on the current one.
         try:
@@ -82,4 +86,4 @@ def acquire(run_dir: Path) -> RunLock:
         os.close(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
-    return RunLock(path, fd, created)
+    return RunLock(path, fd)

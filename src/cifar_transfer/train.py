@@ -247,9 +247,6 @@ class Trainer:
                 # global batch makes that the global batch's mean even when slices differ in size.
                 share = len(y) * self.world / len(idx)
                 (loss if share == 1 else loss * share).backward()
-                import os as _os
-                if _os.environ.get('CT_DEBUG'):
-                    _t = distributed.all_reduce_sum(loss.detach().clone() * len(y)); print('STEP', phase.name, epoch, float(_t) / len(idx), flush=True)
                 optimizer.step()
                 scheduler.step()
                 if ema is not None:
