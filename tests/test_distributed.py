@@ -42,7 +42,8 @@ def write_recipe(path: Path, cifar_dir: Path) -> Path:
         "recipe": "ddp",
         "data": {"data_dir": str(cifar_dir), "val_size": 100, "train_limit": 195},
         "model": {"backbone": "resnet18", "weights": "none", "resolution": 32},
-        "run": {"threads": 1, "compile_features": "off", "eval_batch_size": 100},
+        "run": {"threads": 1, "compile_features": "off", "eval_batch_size": 100,
+                "precision": "fp32"},  # the tolerances below are fp32 rounding
         "phases": [
             {"name": "head", "epochs": 2, "freeze": "all", "augment": "none", "lr": 0.05, **common},
             {"name": "head-aug", "epochs": 2, "freeze": "all", "augment": "crop-flip", "lr": 0.05,
