@@ -1,4 +1,5 @@
-"""Shared fixtures: a small learnable CIFAR-format folder, offline settings, the real data path."""
+"""Shared fixtures: a small learnable CIFAR-format folder, a tiny trained run, offline settings,
+the real data path."""
 
 from __future__ import annotations
 
@@ -48,6 +49,24 @@ def write_cifar_dir(root: Path, per_batch: int = 100, seed: int = 0, test: bool 
 def cifar_dir(tmp_path_factory) -> Path:
     """A 500-image learnable CIFAR-format folder with a test_batch."""
     return write_cifar_dir(tmp_path_factory.mktemp("cifar"), test=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(cifar_dir, tmp_path_factory) -> Path:
+    """A finished two-epoch cnn-baseline run on the synthetic CIFAR folder, trained once per session.
+
+    Shared by several modules: never write into it; a module copies it (shutil.copytree) first.
+    """
+    from cifar_transfer.config import apply_overrides, load_recipe
+    from cifar_transfer.train import train
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    cfg = apply_overrides(load_recipe("cnn-baseline"), [
+        f"data.data_dir={cifar_dir}", "data.val_size=100", "phases.0.epochs=2",
+        "run.threads=1", "run.compile_features=off",
+    ])  # fmt: skip
+    train(cfg, out, progress=False)
+    return out
 
 
 @pytest.fixture(autouse=True)

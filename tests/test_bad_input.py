@@ -230,7 +230,7 @@ def test_predict_on_a_non_image_file(model_dir, tmp_path, capsys):
     bad = tmp_path / "notes.jpg"
     bad.write_text("this is text, not a JPEG")
     refused(["predict", str(model_dir), str(bad)], capsys, f"error: {bad}: not a readable image",
-            roots=(tmp_path, model_dir), rc=1)  # fmt: skip
+            "pass PNG/JPEG/", roots=(tmp_path, model_dir), rc=1)  # fmt: skip
 
 
 def test_predict_on_an_empty_folder(model_dir, tmp_path, capsys):
@@ -238,7 +238,8 @@ def test_predict_on_an_empty_folder(model_dir, tmp_path, capsys):
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here")
     refused(["predict", str(model_dir), str(empty)], capsys, f"error: {empty}: folder holds no images",
-            roots=(tmp_path, model_dir), rc=1)  # fmt: skip
+            "pass a folder of images or a glob such as 'photos/*.jpg'", roots=(tmp_path, model_dir),
+            rc=1)  # fmt: skip
 
 
 def test_predict_still_answers_for_the_good_images_beside_a_bad_one(model_dir, tmp_path, capsys):

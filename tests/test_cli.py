@@ -62,6 +62,38 @@ def test_bad_input_is_one_error_line_and_exit_2(argv, fragment, capsys, tmp_path
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    "override", ["model.size=3", "phases.0.lr=fast", "data.data_dir=/no/such/dir"]
+)
+def test_a_refused_train_prints_only_its_error_and_no_run_dir(
+    override, cifar_dir, tmp_path, capsys
+):
+    argv = ["train", "--recipe", "cnn-baseline", "--data-dir", str(cifar_dir), "--set", override,
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "run dir:" not in captured.out + captured.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_quiet_train_shows_no_progress_bars(cifar_dir, tmp_path, monkeypatch, capsys):
+    # A frozen backbone without augmentation extracts features: the path that drew a tqdm bar.
+    argv = ["train", "--recipe", "cnn-baseline", "--data-dir", str(cifar_dir), *COMMON,
+            "--set", "phases.0.epochs=1", "--set", "phases.0.freeze=all",
+            "--set", "data.train_limit=100"]  # fmt: skip
+    for quiet in (False, True):
+        monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / f"cache-{quiet}"))  # extract anew
+        out = tmp_path / f"run-{quiet}"
+        assert main([*argv, "--out", str(out), *(["--quiet"] if quiet else [])]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.count(f"run dir: {out}") == 1
+        if not quiet:  # the control: the same run without --quiet does draw the bars
+            assert "train features" in captured.err and "img" in captured.err
+    assert captured.err == "", captured.err
+
+
 def test_console_script_prints_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "cifar_transfer", "train", "--recipe", "nope", "--out", str(tmp_path)],

@@ -17,25 +17,17 @@ import cifar_transfer
 from cifar_transfer import export
 from cifar_transfer.bundle import load_model
 from cifar_transfer.cli import main
-from cifar_transfer.config import apply_overrides, load_recipe
 from cifar_transfer.data import load_split
 from cifar_transfer.errors import UserError
 from cifar_transfer.evaluate import predict_logits
-from cifar_transfer.train import train
 
 ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def run(cifar_dir, tmp_path_factory) -> Path:
-    """A finished two-epoch cnn-baseline run on the synthetic CIFAR folder."""
-    out = tmp_path_factory.mktemp("export") / "run"
-    cfg = apply_overrides(load_recipe("cnn-baseline"), [
-        f"data.data_dir={cifar_dir}", "data.val_size=100", "phases.0.epochs=2",
-        "run.threads=1", "run.compile_features=off",
-    ])  # fmt: skip
-    train(cfg, out, progress=False)
-    return out
+def run(tiny_run, tmp_path_factory) -> Path:
+    """This module's copy of the finished two-epoch cnn-baseline run (exports write into it)."""
+    return Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("export") / "run"))
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +51,15 @@ def test_bundle_alone_rebuilds_the_model_without_recipe_or_config(run, images, t
     assert not model.training and meta["classes"][0] == "airplane"
     got = predict_logits(model, images, meta["resolution"], meta["mean"], meta["std"], 64, "fp32")
     assert torch.allclose(got, reference_logits(run, images), atol=1e-5)
+
+
+def test_load_model_gives_an_eval_mode_channels_last_model(run, images):
+    model, meta = cifar_transfer.load_model(run)
+    convs = [p for p in model.parameters() if p.ndim == 4]
+    assert not model.training and convs
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    got = predict_logits(model, images, meta["resolution"], meta["mean"], meta["std"], 64, "fp32")
+    assert torch.allclose(got, reference_logits(run, images), atol=1e-5)  # either input layout
 
 
 def test_bundle_refuses_a_pickle_posing_as_safetensors(run, tmp_path):

@@ -10,22 +10,14 @@ import pytest
 from PIL import Image
 
 from cifar_transfer.cli import main
-from cifar_transfer.config import apply_overrides, load_recipe
 from cifar_transfer.data import load_split
 from cifar_transfer.predict import load_predictor, predict_paths
-from cifar_transfer.train import train
 
 
 @pytest.fixture(scope="module")
-def run(cifar_dir, tmp_path_factory) -> Path:
-    """A finished two-epoch cnn-baseline run on the synthetic CIFAR folder."""
-    out = tmp_path_factory.mktemp("predict") / "run"
-    cfg = apply_overrides(load_recipe("cnn-baseline"), [
-        f"data.data_dir={cifar_dir}", "data.val_size=100", "phases.0.epochs=2",
-        "run.threads=1", "run.compile_features=off",
-    ])  # fmt: skip
-    train(cfg, out, progress=False)
-    return out
+def run(tiny_run, tmp_path_factory) -> Path:
+    """This module's copy of the finished two-epoch cnn-baseline run."""
+    return Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("predict") / "run"))
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +58,16 @@ def test_empty_folder_and_unmatched_glob_are_reported_and_the_rest_predicted(run
     (line,) = captured.out.strip().splitlines()
     assert line.startswith(f"{folder / 'img1.png'}: ") and line.count(",") == 2  # --top 3 default
     err = captured.err.strip().splitlines()
-    assert f"error: {empty}: folder holds no images" in err
+    no_images = "folder holds no images: pass a folder of images or a glob such as 'photos/*.jpg'"
+    assert f"error: {empty}: {no_images}" in err
     assert f"error: {tmp_path / '*.jpeg'}: matches no files" in err
-    assert f"error: {folder / 'notes.txt'}: not a readable image (UnidentifiedImageError)" in err
+    assert (
+        f"error: {folder / 'notes.txt'}: not a readable image (PIL: UnidentifiedImageError): "
+        "pass PNG/JPEG/BMP/GIF/TIFF/WebP image files"
+    ) in err
     assert main(["predict", str(run), str(empty), "--json"]) == 1
     (entry,) = json.loads(capsys.readouterr().out)
-    assert entry == {"path": str(empty), "top": [], "error": "folder holds no images"}
+    assert entry == {"path": str(empty), "top": [], "error": no_images}
 
 
 def test_batches_give_the_same_answer_as_one_pass(run, folder):

@@ -173,5 +173,7 @@ def test_every_shipped_recipe_runs_one_tiny_step(recipe, cifar_dir, tmp_path):
                  "phases.*.epochs=1", "data.train_limit=40", "phases.*.batch_size=20"]
     cfg = tiny(recipe, cifar_dir, *overrides)
     summary = train_mod.train(cfg, tmp_path / recipe, progress=False)
-    assert summary["epochs_run"] == len(cfg.phases)
+    rows = read_metrics(tmp_path / recipe)
+    assert summary["epochs_run"] == len(rows)
+    assert sorted({r["phase"] for r in rows}) == list(range(len(cfg.phases))), "every phase ran"
     assert (tmp_path / recipe / "model.safetensors").is_file()

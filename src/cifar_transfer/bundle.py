@@ -60,7 +60,11 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a trained model from a run dir or its model.safetensors, in eval mode."""
+    """Rebuild a trained model from a run dir or its model.safetensors, in eval mode.
+
+    The weights are in channels_last memory format, as training (by default) and predict use them;
+    it takes NCHW-contiguous and channels_last inputs alike.
+    """
     from cifar_transfer.models import create_model
 
     path = Path(path)
@@ -78,4 +82,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise UserError(f"{weights} does not fit {meta['backbone']}/{meta['head']} ({first})") from None
-    return model.to(device).eval(), meta
+    return model.to(device, memory_format=torch.channels_last).eval(), meta

@@ -42,9 +42,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise UserError("under torchrun every process writes the same run dir: pass --out RUN_DIR")
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.recipe}-{stamp}"
-        if distributed.is_main():
-            print(f"run dir: {out}", flush=True)
-        summary = train.train(cfg, out, progress=not args.quiet)
+        # Printed once config, data and model are checked: a refused run prints only its error.
+        summary = train.train(
+            cfg, out, progress=not args.quiet, on_start=lambda d: print(f"run dir: {d}", flush=True)
+        )
     if not distributed.is_main():  # under torchrun rank 0 reports
         return 0
     acc = summary["val_acc"]

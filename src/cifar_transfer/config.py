@@ -14,7 +14,7 @@ import tomli_w
 
 from cifar_transfer.errors import UserError
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "lbfgs")
 SCHEDULES = ("constant", "cosine", "onecycle")
 AUGMENTS = ("none", "flip", "crop-flip")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -54,6 +54,9 @@ class PhaseConfig:
     batch_size: int = 128
     resolution: int = 0  # 0 = model.resolution; set per phase for progressive resizing
     early_stop_patience: int = 0  # 0 = off; else epochs without val_acc gain before the phase stops
+    # optimizer = "lbfgs" only: the L2 penalties of the linear-probe sweep (one metrics row each;
+    # the best validation accuracy is kept). Ignores lr, epochs, batch_size and schedule.
+    l2_values: list[float] = field(default_factory=lambda: [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5])
 
 
 @dataclass
@@ -94,8 +97,18 @@ def valid_keys(n_phases: int = 1) -> list[str]:
     return keys
 
 
+def _a(noun: str) -> str:
+    """The noun with its indefinite article: "an int", "a float"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def _coerce(value: Any, typ: type, key: str) -> Any:
     """Turn a TOML value or a --set string into the field's type, or fail naming the key."""
+    if typ is list:  # list[float]: a TOML array, or "1e-3,1e-4" on the command line
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise UserError(f"bad value for {key}: {value!r} is not a list of numbers such as 1e-3,1e-4")
+        return [_coerce(v, float, key) for v in items]
     if isinstance(value, str) and typ is not str:
         text = value.strip().lower()
         try:
@@ -107,13 +120,13 @@ def _coerce(value: Any, typ: type, key: str) -> Any:
                 raise ValueError(value)
             return typ(value)
         except ValueError:
-            raise UserError(f"bad value for {key}: {value!r} is not a {typ.__name__}") from None
+            raise UserError(f"bad value for {key}: {value!r} is not {_a(typ.__name__)}") from None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is bool and not isinstance(value, bool):
         raise UserError(f"bad value for {key}: {value!r} is not true/false")
     if typ in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise UserError(f"bad value for {key}: {value!r} is not a {typ.__name__}")
+        raise UserError(f"bad value for {key}: {value!r} is not {_a(typ.__name__)}")
     if typ is int and isinstance(value, float):
         if not value.is_integer():
             raise UserError(f"bad value for {key}: {value!r} is not a whole number")
@@ -123,7 +136,7 @@ def _coerce(value: Any, typ: type, key: str) -> Any:
     return value
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list[float]": list}
 
 
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -216,6 +229,16 @@ def validate(cfg: Config) -> None:
             f"bad value for {k}.label_smoothing: {p.label_smoothing} (in [0, 1))",
         )
         _check(p.resolution >= 0, f"bad value for {k}.resolution: {p.resolution} (0 = model's)")
+        _check(
+            all(v >= 0 for v in p.l2_values), f"bad value for {k}.l2_values: {p.l2_values} (>= 0)"
+        )
+        _check(
+            p.optimizer != "lbfgs"
+            or (p.freeze == "all" and p.augment == "none" and r.feature_cache
+                and cfg.model.head == "linear"),
+            f"bad value for {k}.optimizer: lbfgs fits a linear probe on cached features, so it needs "
+            f"freeze = \"all\", augment = \"none\", model.head = \"linear\" and run.feature_cache",
+        )  # fmt: skip
         _check(p.early_stop_patience >= 0, f"bad value for {k}.early_stop_patience (>= 0)")
         _check(
             p.freeze in ("none", "all")

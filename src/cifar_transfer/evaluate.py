@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from cifar_transfer.data import CLASSES, to_model_input
 from cifar_transfer.hardware import autocast
@@ -46,6 +45,10 @@ def predict_logits(
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """Accuracy, mean loss, per-class precision/recall/F1 and the confusion matrix (rows = true)."""
+    # Imported here, not at module level: scikit-learn (with scipy) takes most of a second to
+    # import, which every command start (train, predict, export) would otherwise pay.
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     labels = labels.cpu()
     pred = logits.argmax(1)
     y, p = labels.numpy(), pred.numpy()

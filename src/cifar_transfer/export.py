@@ -188,7 +188,7 @@ def export_run(
     parity_images: torch.Tensor | None = None,
 ) -> dict:
     """Export a run's model to ONNX or TorchScript; write it only if parity holds on val images."""
-    from cifar_transfer.report import run_split
+    from cifar_transfer.runs import run_split
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")

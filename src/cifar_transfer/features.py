@@ -57,8 +57,12 @@ def extract_features(
     channels_last: bool = True,
     desc: str = "features",
     compile_model: bool = False,
+    progress: bool = True,
 ) -> torch.Tensor:
-    """forward_features over uint8 images (on the model's device) in eval mode; float32 on the device."""
+    """forward_features over uint8 images (on the model's device) in eval mode; float32 on the device.
+
+    `progress` shows a tqdm bar on stderr (off under `--quiet`).
+    """
     model.eval()
     spec = model.spec
     forward = model.forward_features
@@ -68,7 +72,10 @@ def extract_features(
         forward = torch.compile(model.forward_features)
         patch = torch._inductor.config.patch(freezing=True)
     out = []
-    bar = tqdm(total=len(images), desc=desc, unit="img", mininterval=2, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(images), desc=desc, unit="img", mininterval=2, dynamic_ncols=True,
+        disable=not progress,
+    )  # fmt: skip
     with patch:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
@@ -94,6 +101,7 @@ def cached_features(
     channels_last: bool = True,
     desc: str = "features",
     compile_setting: str = "auto",
+    progress: bool = True,
 ) -> tuple[torch.Tensor, float]:
     """Load features from the cache or extract and store them; returns (features, seconds spent)."""
     path = Path(cache_dir) / f"{key}.safetensors"
@@ -108,7 +116,8 @@ def cached_features(
                 return feats.to(images.device), time.perf_counter() - t0
     compile_model = should_compile(compile_setting, len(images), images.device)
     feats = extract_features(
-        model, images, resolution, batch_size, precision, channels_last, desc, compile_model
-    )
+        model, images, resolution, batch_size, precision, channels_last, desc, compile_model,
+        progress,
+    )  # fmt: skip
     save_safetensors(path, {"features": feats}, {"key": key})
     return feats, time.perf_counter() - t0

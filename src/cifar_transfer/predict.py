@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 GLOB_CHARS = frozenset("*?[")
+IMAGE_FIX = "pass PNG/JPEG/BMP/GIF/TIFF/WebP image files"
+NO_IMAGES = "folder holds no images: pass a folder of images or a glob such as 'photos/*.jpg'"
 
 
 @dataclass
@@ -139,7 +141,7 @@ def expand_inputs(args: Sequence[str]) -> list[Prediction]:
             found = sorted(
                 str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes
             )
-            out += [Prediction(p) for p in found] or [Prediction(arg, error="folder holds no images")]
+            out += [Prediction(p) for p in found] or [Prediction(arg, error=NO_IMAGES)]
         elif not path.exists() and GLOB_CHARS & set(arg):
             found = sorted(p for p in glob.glob(arg, recursive=True) if Path(p).is_file())
             out += [Prediction(p) for p in found] or [Prediction(arg, error="matches no files")]
@@ -164,7 +166,7 @@ def _read(pred: Prediction) -> torch.Tensor | None:
     except IsADirectoryError:
         pred.error = "is a folder, not an image"
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        pred.error = f"not a readable image ({type(e).__name__})"
+        pred.error = f"not a readable image (PIL: {type(e).__name__}): {IMAGE_FIX}"
     return None
 
 

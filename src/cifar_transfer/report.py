@@ -23,10 +23,10 @@ import torch
 
 from cifar_transfer.bundle import load_model, read_meta
 from cifar_transfer.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
-from cifar_transfer.data import load_split, resolve_data_dir, stratified_split
 from cifar_transfer.errors import UserError
 from cifar_transfer.evaluate import compute_metrics, predict_logits
 from cifar_transfer.hardware import pick_device, pick_precision
+from cifar_transfer.runs import RunSplit, run_split
 from cifar_transfer.train import load_run_config
 
 if TYPE_CHECKING:
@@ -37,38 +37,6 @@ SAMPLE_SEED = 0
 DPI = 110
 OK_COLOUR, BAD_COLOUR = "#1a7f37", "#cf222e"
 TRAIN_COLOUR, VAL_COLOUR = "#0969da", "#d1242f"
-
-
-@dataclass
-class RunSplit:
-    """The images a run is judged on: its own validation split (or test_batch without one)."""
-
-    name: str
-    images: torch.Tensor  # uint8 (N, 3, 32, 32)
-    labels: torch.Tensor  # int64 (N,)
-    data_dir: Path
-
-
-def run_split(
-    run_dir: str | Path, data_dir: str | None = None, purpose: str = "this needs"
-) -> RunSplit:
-    """Re-create a run's validation split from its config.toml (test_batch when val_size=0)."""
-    run_dir = Path(run_dir)
-    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
-    cfg = load_run_config(run_dir)
-    source = data_dir or cfg.data.data_dir or None
-    try:
-        batches = resolve_data_dir(source)
-        if cfg.data.val_size > 0:
-            x, y = load_split(batches, "train")
-            _, val_idx = stratified_split(y, cfg.data.val_size, cfg.data.seed)
-            return RunSplit("val", x[val_idx], y[val_idx], batches)
-        x, y = load_split(batches, "test")
-        return RunSplit("test", x, y, batches)
-    except UserError as e:
-        fix = "" if "--data-dir" in str(e) else (
-            "; pass --data-dir pointing at the cifar-10-batches-py folder the run trained on")
-        raise UserError(f"{purpose} the run's CIFAR-10 images: {e}{fix}") from None
 
 
 # --------------------------------------------------------------------------- reading the run

@@ -7,7 +7,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from cifar_transfer import bundle, distributed, hardware, runlock
+from cifar_transfer import bundle, distributed, hardware, probe, runlock
 from cifar_transfer.checkpoint import (
     atomic_write_text,
     is_temp_file,
@@ -150,6 +150,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.gen = torch.Generator().manual_seed(cfg.run.seed + 1)
         self.metrics: list[dict] = []
+        self.last_val_acc: float | None = None  # of the weights the run ends on (keep_best off)
         self.best_acc, self.best_epoch = -1.0, -1
         if self.state is not None:
             self.model.load_state_dict(self.state["model"])
@@ -165,6 +166,7 @@ class Trainer:
 
     def _log_epoch(self, row: dict) -> None:
         self.metrics.append(row)
+        self.last_val_acc = row["val_acc"]
         if self.main:
             text = "".join(json.dumps(r) + "\n" for r in self.metrics)
             atomic_write_text(self.out / "metrics.jsonl", text)
@@ -186,6 +188,9 @@ class Trainer:
             net: torch.nn.Module = model.head
         else:
             train_in, val_in, net = data.train_x, data.val_x, model
+        if phase.optimizer == "lbfgs":  # validated: cached features and a linear head
+            self._probe_phase(p_idx, phase, train_in, val_in, res, extract_seconds)
+            return
         n_train = len(train_in)
         steps = math.ceil(n_train / phase.batch_size)
         optimizer = make_optimizer(net, phase)
@@ -292,6 +297,54 @@ class Trainer:
                     print(f"early stop: {phase.name} had no val_acc gain for {stale} epochs", flush=True)
                 break
 
+    def _probe_phase(
+        self, p_idx: int, phase: PhaseConfig, train_in: torch.Tensor, val_in: torch.Tensor,
+        res: int, extract_seconds: float,
+    ) -> None:
+        """Linear probe by L-BFGS: one metrics row per L2 penalty; the head ends on the best one.
+
+        Every rank fits the same probe on the same features (seconds), so nothing is sharded.
+        """
+        head = self.model.head
+        assert isinstance(head, torch.nn.Linear)
+        t0 = time.perf_counter()
+        best: tuple[tuple[float, float], float, dict] | None = None  # (score, l2, head weights)
+        rows_before = len(self.metrics)
+        for fit in probe.sweep(train_in, self.data.train_y, phase.l2_values, head.out_features):
+            with torch.no_grad():
+                head.weight.copy_(fit.weight.to(head.weight))
+                head.bias.copy_(fit.bias.to(head.bias))
+            val_loss, val_acc = self._validate(True, val_in, res, None)
+            seconds = time.perf_counter() - t0
+            row = {
+                "phase": p_idx, "phase_name": phase.name, "epoch": len(self.metrics) + 1,
+                "phase_epoch": len(self.metrics) - rows_before + 1, "train_loss": fit.train_loss,
+                "train_acc": fit.train_acc, "val_loss": val_loss, "val_acc": val_acc, "lr": 0.0,
+                "l2": fit.l2, "lbfgs_iterations": fit.iterations,
+                "img_per_s": len(train_in) / max(seconds, 1e-9), "seconds": seconds,
+                "resolution": res, "cached_features": True,
+            }  # fmt: skip
+            if row["phase_epoch"] == 1:
+                row["extract_seconds"] = extract_seconds
+            t0 = time.perf_counter()
+            self._log_epoch(row)
+            self._print_epoch(row, phase)
+            score = (val_acc if val_acc is not None else -fit.train_loss, -(val_loss or 0.0))
+            if best is None or score > best[0]:
+                best = (score, fit.l2, {k: v.clone() for k, v in head.state_dict().items()})
+            if val_acc is not None and val_acc > self.best_acc:
+                self.best_acc, self.best_epoch = val_acc, row["epoch"]
+                if self.cfg.run.keep_best and self.main:
+                    weights = self.model.state_dict()
+                    save_safetensors(self.out / BEST, weights, {"epoch": str(row["epoch"])})
+        assert best is not None
+        head.load_state_dict(best[2])  # later phases start from the chosen penalty's head
+        if self.metrics[-1]["val_acc"] is not None:
+            self.last_val_acc = best[0][0]
+        if self.progress:
+            print(f"probe: kept l2 {best[1]:g} (best validation accuracy)", flush=True)
+        self._checkpoint(p_idx, phase.epochs, 0, None, None, None, True)
+
     def _features(self, res: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Cached frozen-backbone features of the train and val images (extracted once).
 
@@ -311,8 +364,8 @@ class Trainer:
                 feats, s = cached_features(
                     folder, key, model, x, res, cfg.run.eval_batch_size, self.precision,
                     cfg.run.channels_last, desc=f"{name} features",
-                    compile_setting=cfg.run.compile_features,
-                )
+                    compile_setting=cfg.run.compile_features, progress=self.progress,
+                )  # fmt: skip
                 out.append(feats)
                 seconds += s
         return out[0], out[1], seconds
@@ -368,8 +421,9 @@ class Trainer:
         if not self.main:
             return
         save_checkpoint(self.out / LAST, {
-            "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None, "ema": ema.state_dict() if ema is not None else None,
             # bf16/fp32 need no GradScaler; fp16 is not offered, so there is no scaler state to keep.
             "scaler": None, "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
             "phase": p_idx, "phase_epoch": phase_epoch, "phase_done": done, "stale": stale,
@@ -406,7 +460,7 @@ class Trainer:
             self.model.load_state_dict(load_file(self.out / BEST, device=str(self.device)))
         final_acc = self.best_acc if self.best_epoch > 0 else None
         if not self.cfg.run.keep_best and self.metrics:
-            final_acc = self.metrics[-1]["val_acc"]
+            final_acc = self.last_val_acc if self.last_val_acc is not None else self.metrics[-1]["val_acc"]
         summary = {
             "val_acc": final_acc, "best_epoch": self.best_epoch, "epochs_run": len(self.metrics),
             "train_seconds_this_session": time.perf_counter() - t0,
@@ -486,14 +540,21 @@ def load_run_config(out: Path) -> Config:
     return config_from_dict(tomllib.loads(path.read_text()))
 
 
-def train(cfg: Config, out: Path, progress: bool = True) -> dict:
-    """Start a new run in `out` and train it to the end (under torchrun: on every rank)."""
+def train(
+    cfg: Config, out: Path, progress: bool = True, on_start: Callable[[Path], None] | None = None
+) -> dict:
+    """Start a new run in `out` and train it to the end (under torchrun: on every rank).
+
+    `on_start(out)` runs on rank 0 once data and model are loaded, just before the first epoch.
+    """
     out = Path(out)
     with distributed.process_group(hardware.pick_device(cfg.run.device)), _holding(out, new=True):
         # Data and model are checked before the first file is written, so bad input leaves no run dir.
         trainer = Trainer(cfg, out, resume=False, progress=progress)
         if trainer.main:
             atomic_write_text(out / "config.toml", to_toml(cfg))
+            if on_start is not None:
+                on_start(out)
         return trainer.fit()
 
 

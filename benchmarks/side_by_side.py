@@ -1,0 +1,135 @@
+"""Training throughput, the tutorial way vs this tool's way, in one run, as a ratio (issue 3, goal 3).
+
+    .venv/bin/python benchmarks/side_by_side.py --data-dir ../shared/cifar10 \
+        [--backbone resnet50] [--resolution 224] [--batch-size 32] [--steps 8]
+
+Same model (random init: speed does not depend on the weights), same batch size, same
+resolution, same optimizer (SGD momentum), every layer trained, real CIFAR-10 images:
+
+- tutorial: a torchvision `Dataset` of PIL images with `Resize(224)`, `RandomHorizontalFlip`,
+  `ToTensor`, `Normalize`, a `DataLoader` with 2 workers, fp32, NCHW (what the write-ups'
+  Keras and most PyTorch tutorials do);
+- ours: the uint8 images resident on the device as one tensor, random crop + flip and the
+  resize to 224 done batched on the device (`data.augment`, `data.to_model_input`), bf16
+  autocast where the hardware runs it fast (`hardware.pick_precision("auto")`), channels_last.
+
+Each side runs `--warmup` untimed steps, then `--steps` timed ones, end to end (input pipeline
+included). Not run by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from cifar_transfer import hardware
+from cifar_transfer.data import augment, load_split, resolve_data_dir, to_model_input
+from cifar_transfer.models import create_model
+
+
+class PILCifar(Dataset):
+    """CIFAR-10 as PIL images through torchvision transforms, the way tutorials feed a model."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform) -> None:
+        self.images = images.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 3) uint8
+        self.labels = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def sgd_step(model, opt, x, y, precision: str) -> None:
+    with hardware.autocast(torch.device("cpu"), precision):
+        loss = F.cross_entropy(model(x).float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def tutorial(args, images, labels) -> float:
+    torch.manual_seed(0)
+    model = create_model(args.backbone, "none", "linear").train()
+    spec = model.spec
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    tf = transforms.Compose([
+        transforms.Resize(args.resolution), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std),
+    ])  # fmt: skip
+    loader = DataLoader(
+        PILCifar(images, labels, tf), batch_size=args.batch_size, shuffle=True, num_workers=2,
+        drop_last=True,
+    )  # fmt: skip
+    it = iter(loader)
+    for _ in range(args.warmup):
+        x, y = next(it)
+        sgd_step(model, opt, x, y, "fp32")
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        x, y = next(it)
+        sgd_step(model, opt, x, y, "fp32")
+    return args.steps * args.batch_size / (time.perf_counter() - t0)
+
+
+def ours(args, images, labels) -> tuple[float, str]:
+    torch.manual_seed(0)
+    precision = hardware.pick_precision("auto", torch.device("cpu"))
+    model = create_model(args.backbone, "none", "linear").train()
+    model = model.to(memory_format=torch.channels_last)
+    spec = model.spec
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        idx = torch.randint(0, len(labels), (args.batch_size,), generator=gen)
+        x = augment(images[idx], "crop-flip", gen)
+        x = to_model_input(x, args.resolution, spec.mean, spec.std, True)
+        sgd_step(model, opt, x, labels[idx], precision)
+
+    for _ in range(args.warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    return args.steps * args.batch_size / (time.perf_counter() - t0), precision
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", default="../shared/cifar10")
+    ap.add_argument("--backbone", default="resnet50")
+    ap.add_argument("--resolution", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the result here")
+    args = ap.parse_args()
+    images, labels = load_split(resolve_data_dir(args.data_dir), "train")
+    slow = tutorial(args, images, labels)
+    print(f"tutorial (PIL Resize, DataLoader x2 workers, fp32, NCHW): {slow:7.2f} img/s", flush=True)
+    fast, precision = ours(args, images, labels)
+    print(f"ours (resident uint8, device resize, {precision}, channels_last): {fast:7.2f} img/s")
+    result = {
+        "backbone": args.backbone, "resolution": args.resolution, "batch_size": args.batch_size,
+        "steps": args.steps, "threads": torch.get_num_threads(), "tutorial_img_per_s": slow,
+        "ours_img_per_s": fast, "ours_precision": precision, "ratio": fast / slow,
+    }  # fmt: skip
+    print(f"ratio ours / tutorial = {fast / slow:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
