@@ -177,3 +177,33 @@ def test_every_shipped_recipe_runs_one_tiny_step(recipe, cifar_dir, tmp_path):
     assert summary["epochs_run"] == len(rows)
     assert sorted({r["phase"] for r in rows}) == list(range(len(cfg.phases))), "every phase ran"
     assert (tmp_path / recipe / "model.safetensors").is_file()
+
+
+def test_progressive_resizing_changes_only_the_resolution(cifar_dir, tmp_path, monkeypatch):
+    """Two fine-tuning phases at 32 then 48 px see the same batches, labels and augmentation
+    draws as a run at 32 px throughout: only the size the images are resized to differs."""
+    seen: list[tuple[int, tuple[int, ...], int]] = []
+    real = train_mod.to_model_input
+
+    def spy(images, resolution, mean, std, channels_last=True):
+        seen.append((resolution, tuple(images.shape[-2:]), int(images.long().sum())))
+        return real(images, resolution, mean, std, channels_last)
+
+    monkeypatch.setattr(train_mod, "to_model_input", spy)
+    runs = {}
+    for second in (32, 48):
+        seen.clear()
+        cfg = tiny(
+            "seed-native-32", cifar_dir, "model.backbone=resnet18", "model.weights=none",
+            "phases.*.freeze=none", "phases.*.augment=crop-flip", "phases.*.epochs=1",
+            "phases.*.batch_size=50", "data.train_limit=100", "phases.0.resolution=32",
+            f"phases.1.resolution={second}", "data.val_size=0",
+        )  # fmt: skip
+        train_mod.train(cfg, tmp_path / f"run{second}", progress=False)
+        runs[second] = list(seen)
+    assert [r for r, _, _ in runs[48]] == [32, 32, 48, 48]
+    assert [r for r, _, _ in runs[32]] == [32, 32, 32, 32]
+    # the same 32x32 source batches, augmented the same way, in both runs
+    assert [(s, h) for _, s, h in runs[48]] == [(s, h) for _, s, h in runs[32]]
+    rows = read_metrics(tmp_path / "run48")
+    assert [r["resolution"] for r in rows] == [32, 48]

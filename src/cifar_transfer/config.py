@@ -56,7 +56,7 @@ class PhaseConfig:
     early_stop_patience: int = 0  # 0 = off; else epochs without val_acc gain before the phase stops
     # optimizer = "lbfgs" only: the L2 penalties of the linear-probe sweep (one metrics row each;
     # the best validation accuracy is kept). Ignores lr, epochs, batch_size and schedule.
-    l2_values: list[float] = field(default_factory=lambda: [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5])
+    l2_values: list[float] = field(default_factory=lambda: [1e-1, 3e-2, 1e-2, 3e-3, 1e-3])
 
 
 @dataclass

@@ -436,8 +436,11 @@ class Trainer:
         extra = f" (features {row['extract_seconds']:.0f}s)" if "extract_seconds" in row else ""
         val = "" if row["val_acc"] is None else (
             f" val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}")
+        total = len(phase.l2_values) if phase.optimizer == "lbfgs" else phase.epochs
+        if "l2" in row:
+            extra = f" l2 {row['l2']:g} ({row['lbfgs_iterations']} L-BFGS iterations)" + extra
         print(
-            f"[{row['phase_name']} {row['phase_epoch']}/{phase.epochs}] train_loss "
+            f"[{row['phase_name']} {row['phase_epoch']}/{total}] train_loss "
             f"{row['train_loss']:.4f} train_acc {row['train_acc']:.4f}{val} lr {row['lr']:.2e} {row['img_per_s']:.0f} img/s "
             f"{row['seconds']:.1f}s{extra}",
             flush=True,
