@@ -82,11 +82,12 @@ def tutorial(args, images, labels) -> float:
     return args.steps * args.batch_size / (time.perf_counter() - t0)
 
 
-def ours(args, images, labels) -> tuple[float, str]:
+def ours(args, images, labels, compile_model: bool = False) -> tuple[float, str]:
     torch.manual_seed(0)
     precision = hardware.pick_precision("auto", torch.device("cpu"))
     model = create_model(args.backbone, "none", "linear").train()
     model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if compile_model else model
     spec = model.spec
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
@@ -95,10 +96,13 @@ def ours(args, images, labels) -> tuple[float, str]:
         idx = torch.randint(0, len(labels), (args.batch_size,), generator=gen)
         x = augment(images[idx], "crop-flip", gen)
         x = to_model_input(x, args.resolution, spec.mean, spec.std, True)
-        sgd_step(model, opt, x, labels[idx], precision)
+        sgd_step(net, opt, x, labels[idx], precision)
 
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         step()
+    if compile_model:
+        print(f"  compile + {args.warmup} warm-up steps: {time.perf_counter() - t0:.0f} s", flush=True)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -113,6 +117,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args()
     images, labels = load_split(resolve_data_dir(args.data_dir), "train")
@@ -125,7 +130,12 @@ def main() -> None:
         "steps": args.steps, "threads": torch.get_num_threads(), "tutorial_img_per_s": slow,
         "ours_img_per_s": fast, "ours_precision": precision, "ratio": fast / slow,
     }  # fmt: skip
-    print(f"ratio ours / tutorial = {fast / slow:.2f}x")
+    print(f"ratio ours / tutorial = {fast / slow:.2f}x", flush=True)
+    if args.compile:
+        compiled, _ = ours(args, images, labels, compile_model=True)
+        print(f"ours + torch.compile: {compiled:7.2f} img/s, ratio {compiled / slow:.2f}x")
+        result["ours_compiled_img_per_s"] = compiled
+        result["ratio_compiled"] = compiled / slow
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

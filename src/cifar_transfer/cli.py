@@ -26,7 +26,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cifar_transfer.config import apply_overrides, load_recipe
 
     if args.resume:
-        if args.recipe or args.overrides or args.data_dir or args.weights:
+        if args.recipe or args.overrides or args.data_dir or args.weights or args.tensorboard:
             raise UserError("--resume continues a run with its saved config: drop --recipe/--set/--data-dir")
         summary = train.resume(Path(args.resume), progress=not args.quiet)
         out = Path(args.resume)
@@ -37,6 +37,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             overrides.append(f"data.data_dir={args.data_dir}")
         if args.weights:
             overrides.append(f"model.weights={args.weights}")
+        if args.tensorboard:
+            overrides.append("run.tensorboard=true")
         cfg = apply_overrides(cfg, overrides)
         if distributed.launched() and not args.out:
             raise UserError("under torchrun every process writes the same run dir: pass --out RUN_DIR")
@@ -144,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument(
+        "--tensorboard", action="store_true",
+        help="also log metrics to RUN_DIR/tensorboard (same as --set run.tensorboard=true)",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix")

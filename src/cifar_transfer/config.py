@@ -72,6 +72,7 @@ class RunConfig:
     eval_batch_size: int = 256
     feature_cache: bool = True  # frozen phases without augmentation train the head on cached features
     keep_best: bool = True  # the final model is the epoch with the best val_acc
+    tensorboard: bool = False  # also log every metrics row to RUN_DIR/tensorboard (pip extra)
 
 
 @dataclass

@@ -149,6 +149,7 @@ class Trainer:
         if cfg.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.gen = torch.Generator().manual_seed(cfg.run.seed + 1)
+        self.tensorboard = _tensorboard_writer(cfg, self.out) if self.main else None
         self.metrics: list[dict] = []
         self.last_val_acc: float | None = None  # of the weights the run ends on (keep_best off)
         self.best_acc, self.best_epoch = -1.0, -1
@@ -170,6 +171,8 @@ class Trainer:
         if self.main:
             text = "".join(json.dumps(r) + "\n" for r in self.metrics)
             atomic_write_text(self.out / "metrics.jsonl", text)
+        if self.tensorboard is not None:
+            _tensorboard_row(self.tensorboard, row)
 
     # -- one phase -----------------------------------------------------------------------------
     def _evaluated_model(self, ema: AveragedModel | None) -> torch.nn.Module:
@@ -472,6 +475,8 @@ class Trainer:
         }
         if self.main:
             bundle.save_bundle(self.model, self.cfg, self.out, summary)
+        if self.tensorboard is not None and self.tensorboard.writer is not None:
+            self.tensorboard.writer.close()
         return summary
 
 
@@ -541,6 +546,49 @@ def load_run_config(out: Path) -> Config:
     if not path.is_file():
         raise UserError(f"{out} is not a run dir (no config.toml): pass the --out of an earlier train")
     return config_from_dict(tomllib.loads(path.read_text()))
+
+
+def _tensorboard_writer(cfg: Config, out: Path):
+    """A SummaryWriter on RUN_DIR/tensorboard when run.tensorboard is on, else None.
+
+    Created lazily (when the first row is logged) so a run refused before its first epoch leaves
+    no event file; on resume, events from epochs after the checkpoint are purged.
+    """
+    if not cfg.run.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(
+            "run.tensorboard needs the tensorboard package: pip install 'cifar-transfer[tensorboard]'"
+            " (or pip install tensorboard), or drop --tensorboard"
+        ) from None
+    return _LazyWriter(SummaryWriter, out / "tensorboard")
+
+
+class _LazyWriter:
+    def __init__(self, factory, log_dir: Path) -> None:
+        self.factory, self.log_dir, self.writer = factory, log_dir, None
+
+    def get(self, first_step: int):
+        if self.writer is None:
+            self.writer = self.factory(log_dir=str(self.log_dir), purge_step=first_step)
+        return self.writer
+
+
+def _tensorboard_row(lazy: _LazyWriter, row: dict) -> None:
+    """One metrics row as scalars at step = the run's epoch: loss/acc (train, val), lr, speed."""
+    step = row["epoch"]
+    w = lazy.get(step)
+    for key, tag in (
+        ("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_acc", "accuracy/train"),
+        ("val_acc", "accuracy/val"), ("lr", "lr"), ("img_per_s", "speed/img_per_s"),
+        ("resolution", "resolution"), ("l2", "probe/l2"),
+    ):  # fmt: skip
+        if row.get(key) is not None:
+            w.add_scalar(tag, row[key], step)
+    w.add_text("phase", f"{row['phase_name']} (phase {row['phase']})", step)
+    w.flush()
 
 
 def train(
