@@ -170,6 +170,7 @@ SYNC_BN_WORKER = textwrap.dedent('''
                            zip(model.state_dict().items(), ref.state_dict().values())
                            if "running" in k),
         }
+        del ddp, model, out  # a DDP model alive when the group is destroyed can abort the rank
         if distributed.is_main():
             json.dump(report, open(sys.argv[1], "w"))
 ''')

@@ -77,3 +77,15 @@ def test_lbfgs_needs_a_linear_head_on_cached_features(cifar_dir):
         tiny_probe(cifar_dir, "phases.0.augment=flip")
     with pytest.raises(UserError, match="list of numbers"):
         tiny_probe(cifar_dir, "phases.0.l2_values=,")
+
+
+def test_a_resumed_run_reports_the_probe_penalty_it_kept_not_the_last_one_swept():
+    """keep_best off: after a probe phase the head holds the best penalty's weights."""
+    rows = [
+        {"phase": 0, "l2": 1e-2, "val_acc": 0.80},
+        {"phase": 0, "l2": 1e-3, "val_acc": 0.91},
+        {"phase": 0, "l2": 1e-4, "val_acc": 0.88},
+    ]
+    assert train_mod._ending_val_acc(rows) == 0.91
+    assert train_mod._ending_val_acc([*rows, {"phase": 1, "val_acc": 0.93}]) == 0.93
+    assert train_mod._ending_val_acc([]) is None

@@ -27,7 +27,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         if args.recipe or args.overrides or args.data_dir or args.weights or args.tensorboard:
-            raise UserError("--resume continues a run with its saved config: drop --recipe/--set/--data-dir")
+            raise UserError(
+                "--resume continues a run with its saved config: drop "
+                "--recipe/--set/--data-dir/--weights/--tensorboard"
+            )
         summary = train.resume(Path(args.resume), progress=not args.quiet)
         out = Path(args.resume)
     else:

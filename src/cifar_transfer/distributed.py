@@ -61,7 +61,12 @@ def is_main() -> bool:
 
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[None]:
-    """Join torchrun's process group for the body: nccl when training on CUDA, else gloo."""
+    """Join torchrun's process group for the body: nccl when training on CUDA, else gloo.
+
+    Drop every DistributedDataParallel model before the body ends: one still alive when the group
+    is destroyed made a gloo rank abort at exit about 1 run in 4 ("terminate called without an
+    active exception"); with the model dropped first, 0 in 40.
+    """
     if not launched() or (dist.is_available() and dist.is_initialized()):
         yield
         return

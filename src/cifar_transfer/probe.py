@@ -80,5 +80,5 @@ def sweep(
             ce = float(F.cross_entropy(logits, y))
             acc = float((logits.argmax(1) == y).float().mean())
         weight, bias = _unfold(w.detach(), b.detach(), mean, std)
-        iters = int(opt.state[opt._params[0]].get("n_iter", 0))
+        iters = int(opt.state[w].get("n_iter", 0))
         yield ProbeFit(l2, weight.clone(), bias.clone(), ce, acc, iters)

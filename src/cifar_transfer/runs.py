@@ -9,6 +9,7 @@ import torch
 
 from cifar_transfer.bundle import load_model
 from cifar_transfer.checkpoint import atomic_write_json
+from cifar_transfer.config import Config
 from cifar_transfer.data import load_split, resolve_data_dir, stratified_split
 from cifar_transfer.errors import UserError
 from cifar_transfer.evaluate import compute_metrics, predict_logits
@@ -26,6 +27,13 @@ class RunSplit:
     data_dir: Path
 
 
+def val_split(cfg: Config, batches: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's seeded, stratified validation images and labels, as training drew them."""
+    x, y = load_split(batches, "train")
+    _, val_idx = stratified_split(y, cfg.data.val_size, cfg.data.seed)
+    return x[val_idx], y[val_idx]
+
+
 def run_split(
     run_dir: str | Path, data_dir: str | None = None, purpose: str = "this needs"
 ) -> RunSplit:
@@ -37,9 +45,7 @@ def run_split(
     try:
         batches = resolve_data_dir(source)
         if cfg.data.val_size > 0:
-            x, y = load_split(batches, "train")
-            _, val_idx = stratified_split(y, cfg.data.val_size, cfg.data.seed)
-            return RunSplit("val", x[val_idx], y[val_idx], batches)
+            return RunSplit("val", *val_split(cfg, batches), batches)
         x, y = load_split(batches, "test")
         return RunSplit("test", x, y, batches)
     except UserError as e:
@@ -56,11 +62,9 @@ def evaluate_run(run_dir: Path, split: str, data_dir: str | None, tta: bool = Fa
     model, meta = load_model(run_dir, device)
     batches_dir = resolve_data_dir(data_dir or cfg.data.data_dir or None)
     if split == "val":
-        x, y = load_split(batches_dir, "train")
         if cfg.data.val_size == 0:
             raise UserError(f"run {run_dir} trained with data.val_size=0: evaluate it with --split test")
-        _, val_idx = stratified_split(y, cfg.data.val_size, cfg.data.seed)
-        x, y = x[val_idx], y[val_idx]
+        x, y = val_split(cfg, batches_dir)
     else:
         x, y = load_split(batches_dir, "test")
     logits = predict_logits(

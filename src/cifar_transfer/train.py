@@ -128,6 +128,17 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _ending_val_acc(metrics: list[dict]) -> float | None:
+    """val_acc of the weights the logged epochs end on: a probe phase ends on its best penalty."""
+    if not metrics:
+        return None
+    last = metrics[-1]
+    if "l2" not in last:
+        return last["val_acc"]
+    rows = [m for m in metrics if m["phase"] == last["phase"] and m["val_acc"] is not None]
+    return max((m["val_acc"] for m in rows), default=None)
+
+
 class Trainer:
     """One run: builds everything from a Config, trains its phases, writes the run dir."""
 
@@ -159,6 +170,7 @@ class Trainer:
             torch.set_rng_state(self.state["torch_rng"])
             self.best_acc, self.best_epoch = self.state["best_acc"], self.state["best_epoch"]
             self.metrics = [json.loads(line) for line in self._metric_lines()][: self.state["global_epoch"]]
+            self.last_val_acc = _ending_val_acc(self.metrics)
 
     # -- run dir -------------------------------------------------------------------------------
     def _metric_lines(self) -> list[str]:
@@ -177,6 +189,15 @@ class Trainer:
     # -- one phase -----------------------------------------------------------------------------
     def _evaluated_model(self, ema: AveragedModel | None) -> torch.nn.Module:
         return ema.module if ema is not None else self.model
+
+    def _keep_if_best(self, row: dict, ema: AveragedModel | None) -> None:
+        """Record a new best val_acc and, with keep_best, save the weights that reached it."""
+        if row["val_acc"] is None or row["val_acc"] <= self.best_acc:
+            return
+        self.best_acc, self.best_epoch = row["val_acc"], row["epoch"]
+        if self.cfg.run.keep_best and self.main:
+            weights = self._evaluated_model(ema).state_dict()
+            save_safetensors(self.out / BEST, weights, {"epoch": str(row["epoch"])})
 
     def run_phase(self, p_idx: int, phase: PhaseConfig) -> None:
         """Train one phase from its start or from the checkpointed epoch inside it."""
@@ -282,11 +303,7 @@ class Trainer:
                 row["extract_seconds"] = extract_seconds
             self._log_epoch(row)
             self._print_epoch(row, phase)
-            if val[1] is not None and val[1] > self.best_acc:
-                self.best_acc, self.best_epoch = val[1], row["epoch"]
-                if cfg.run.keep_best and self.main:
-                    weights = self._evaluated_model(ema).state_dict()
-                    save_safetensors(self.out / BEST, weights, {"epoch": str(row["epoch"])})
+            self._keep_if_best(row, ema)
             if val[1] is not None:
                 stale = 0 if val[1] > phase_best else stale + 1
                 phase_best = max(phase_best, val[1])
@@ -335,11 +352,7 @@ class Trainer:
             score = (val_acc if val_acc is not None else -fit.train_loss, -(val_loss or 0.0))
             if best is None or score > best[0]:
                 best = (score, fit.l2, {k: v.clone() for k, v in head.state_dict().items()})
-            if val_acc is not None and val_acc > self.best_acc:
-                self.best_acc, self.best_epoch = val_acc, row["epoch"]
-                if self.cfg.run.keep_best and self.main:
-                    weights = self.model.state_dict()
-                    save_safetensors(self.out / BEST, weights, {"epoch": str(row["epoch"])})
+            self._keep_if_best(row, None)
         assert best is not None
         head.load_state_dict(best[2])  # later phases start from the chosen penalty's head
         if self.metrics[-1]["val_acc"] is not None:
@@ -426,7 +439,8 @@ class Trainer:
         save_checkpoint(self.out / LAST, {
             "model": self.model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None, "ema": ema.state_dict() if ema is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
             # bf16/fp32 need no GradScaler; fp16 is not offered, so there is no scaler state to keep.
             "scaler": None, "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
             "phase": p_idx, "phase_epoch": phase_epoch, "phase_done": done, "stale": stale,
@@ -466,7 +480,7 @@ class Trainer:
             self.model.load_state_dict(load_file(self.out / BEST, device=str(self.device)))
         final_acc = self.best_acc if self.best_epoch > 0 else None
         if not self.cfg.run.keep_best and self.metrics:
-            final_acc = self.last_val_acc if self.last_val_acc is not None else self.metrics[-1]["val_acc"]
+            final_acc = self.last_val_acc
         summary = {
             "val_acc": final_acc, "best_epoch": self.best_epoch, "epochs_run": len(self.metrics),
             "train_seconds_this_session": time.perf_counter() - t0,
@@ -606,7 +620,9 @@ def train(
             atomic_write_text(out / "config.toml", to_toml(cfg))
             if on_start is not None:
                 on_start(out)
-        return trainer.fit()
+        summary = trainer.fit()
+        del trainer  # its DDP wrapper must go before the process group (see process_group)
+        return summary
 
 
 def resume(out: Path, progress: bool = True) -> dict:
@@ -618,4 +634,7 @@ def resume(out: Path, progress: bool = True) -> dict:
     cfg = load_run_config(out)
     with distributed.process_group(hardware.pick_device(cfg.run.device)), _holding(out, new=False):
         # A run killed before its first checkpoint starts over in its own dir.
-        return Trainer(cfg, out, resume=(out / LAST).is_file(), progress=progress).fit()
+        trainer = Trainer(cfg, out, resume=(out / LAST).is_file(), progress=progress)
+        summary = trainer.fit()
+        del trainer  # its DDP wrapper must go before the process group (see process_group)
+        return summary
