@@ -25,7 +25,7 @@ from cifar_transfer.cli import main
 from cifar_transfer.config import load_recipe
 from cifar_transfer.errors import UserError
 
-TIMING = {"seconds", "img_per_s", "extract_seconds"}
+TIMING = train_mod.TIMING_KEYS
 
 
 def write_recipe(path: Path, cifar_dir: Path, epochs: tuple[int, int] = (4, 4)) -> Path:

@@ -70,6 +70,27 @@ def test_lbfgs_phase_writes_a_row_per_penalty_and_keeps_the_best(cifar_dir, tmp_
     assert "extract_seconds" in rows[0]
 
 
+def test_cached_flips_fit_the_probe_on_each_image_and_its_mirror(cifar_dir, tmp_path, monkeypatch):
+    fitted = []
+    real = probe.sweep
+
+    def spy(x, y, *args, **kwargs):
+        fitted.append((len(x), y.bincount(minlength=10)))
+        return real(x, y, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "sweep", spy)
+    cfg = tiny_probe(cifar_dir, "phases.0.cached_flips=true", "phases.0.l2_values=1e-3")
+    summary = train_mod.train(cfg, tmp_path / "run", progress=False)
+    n = len(train_mod.load_data(cfg, torch.device("cpu")).train_y)
+    assert fitted[0][0] == 2 * n and (fitted[0][1] % 2 == 0).all()
+    assert summary["val_acc"] > 0.3
+
+
+def test_cached_flips_need_a_phase_on_cached_features(cifar_dir):
+    with pytest.raises(UserError, match="cached_flips"):
+        tiny_probe(cifar_dir, "phases.0.optimizer=sgd", "phases.0.augment=flip", "phases.0.cached_flips=true")
+
+
 def test_lbfgs_needs_a_linear_head_on_cached_features(cifar_dir):
     with pytest.raises(UserError, match="lbfgs fits a linear probe"):
         tiny_probe(cifar_dir, "model.head=mlp")

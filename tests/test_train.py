@@ -17,6 +17,7 @@ from cifar_transfer.runs import evaluate_run
 
 METRIC_KEYS = {
     "phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "seconds",
+    "elapsed_seconds",
 }  # fmt: skip
 
 
@@ -78,13 +79,29 @@ def test_cached_features_equal_live_features(cifar_dir, tmp_path, precision, ato
     cfg = two_phase(cifar_dir, f"run.precision={precision}")
     trainer = train_mod.Trainer(cfg, tmp_path, progress=False)
     assert trainer.precision == precision
-    train_feats, val_feats, _ = trainer._features(32)
+    train_feats, train_y, val_feats, _ = trainer._features(32)
+    assert torch.equal(train_y, trainer.data.train_y)
     model = trainer.model.eval()
     live = extract_features(model, trainer.data.val_x, 32, 64, "fp32", True, "live")
     assert torch.allclose(val_feats.float(), live, atol=atol)
     assert (val_feats.float() - live).abs().mean() < atol / 10
-    again, _, _ = trainer._features(32)  # second call is served from the cache
+    again, _, _, _ = trainer._features(32)  # second call is served from the cache
     assert torch.equal(again, train_feats)
+
+
+def test_cached_flips_add_each_training_images_mirror_and_leave_val_plain(cifar_dir, tmp_path):
+    cfg = two_phase(cifar_dir, "run.precision=fp32")
+    trainer = train_mod.Trainer(cfg, tmp_path, progress=False)
+    plain, _, val_plain, _ = trainer._features(32)
+    feats, y, val_feats, _ = trainer._features(32, flips=True)
+    n = len(trainer.data.train_y)
+    assert feats.shape == (2 * n, plain.shape[1])
+    assert torch.equal(y, torch.cat([trainer.data.train_y, trainer.data.train_y]))
+    assert torch.equal(feats[:n], plain) and torch.equal(val_feats, val_plain)
+    mirrored = trainer.data.train_x.flip(-1)  # (N, 3, H, W): -1 is the width, a horizontal flip
+    live = extract_features(trainer.model.eval(), mirrored, 32, 64, "fp32", True, "live")
+    assert torch.allclose(feats[n:], live, atol=1e-5)
+    assert not torch.allclose(feats[n:], plain, atol=1e-2), "the mirror images' features are the originals'"
 
 
 @pytest.mark.parametrize("extra", [[], ["run.ema=0.9"]], ids=["plain", "ema"])
@@ -111,9 +128,11 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(extra, cifar_dir, tmp_
     resumed = load_file(tmp_path / "broken" / "model.safetensors")
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole), "resume changed the result"
-    drop = {"seconds", "img_per_s", "extract_seconds"}
+    drop = train_mod.TIMING_KEYS
     clean = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / "whole")]
     again = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / "broken")]
+    elapsed = [r["elapsed_seconds"] for r in read_metrics(tmp_path / "broken")]
+    assert elapsed == sorted(elapsed), "a resumed run's elapsed_seconds must go on from the last row"
     assert clean == again
 
 

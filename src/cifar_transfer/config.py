@@ -57,6 +57,9 @@ class PhaseConfig:
     # optimizer = "lbfgs" only: the L2 penalties of the linear-probe sweep (one metrics row each;
     # the best validation accuracy is kept). Ignores lr, epochs, batch_size and schedule.
     l2_values: list[float] = field(default_factory=lambda: [1e-1, 3e-2, 1e-2, 3e-3, 1e-3])
+    # Phases on cached features only: also cache each training image's mirror image and train on
+    # both (flip augmentation for a frozen backbone; train extraction takes 2x). Val stays plain.
+    cached_flips: bool = False
 
 
 @dataclass
@@ -240,6 +243,11 @@ def validate(cfg: Config) -> None:
             f"bad value for {k}.optimizer: lbfgs fits a linear probe on cached features, so it needs "
             f"freeze = \"all\", augment = \"none\", model.head = \"linear\" and run.feature_cache",
         )  # fmt: skip
+        _check(
+            not p.cached_flips or (p.freeze == "all" and p.augment == "none" and r.feature_cache),
+            f"bad value for {k}.cached_flips: it mirrors cached features, so it needs "
+            f"freeze = \"all\", augment = \"none\" and run.feature_cache (or use augment = \"flip\")",
+        )
         _check(p.early_stop_patience >= 0, f"bad value for {k}.early_stop_patience (>= 0)")
         _check(
             p.freeze in ("none", "all")

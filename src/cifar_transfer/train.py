@@ -128,6 +128,10 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# metrics.jsonl fields that measure time, not the computation: they differ between two runs.
+TIMING_KEYS = frozenset({"seconds", "img_per_s", "extract_seconds", "elapsed_seconds"})
+
+
 def _ending_val_acc(metrics: list[dict]) -> float | None:
     """val_acc of the weights the logged epochs end on: a probe phase ends on its best penalty."""
     if not metrics:
@@ -143,6 +147,7 @@ class Trainer:
     """One run: builds everything from a Config, trains its phases, writes the run dir."""
 
     def __init__(self, cfg: Config, out: Path, resume: bool = False, progress: bool = True):
+        self.t_start = time.perf_counter()  # elapsed_seconds counts from here: data load included
         # Under torchrun only rank 0 prints and writes; every rank computes the same state.
         self.main = distributed.is_main()
         self.cfg, self.out, self.progress = cfg, Path(out), progress and self.main
@@ -164,6 +169,7 @@ class Trainer:
         self.metrics: list[dict] = []
         self.last_val_acc: float | None = None  # of the weights the run ends on (keep_best off)
         self.best_acc, self.best_epoch = -1.0, -1
+        self.elapsed_before = 0.0
         if self.state is not None:
             self.model.load_state_dict(self.state["model"])
             self.gen.set_state(self.state["generator"])
@@ -171,6 +177,8 @@ class Trainer:
             self.best_acc, self.best_epoch = self.state["best_acc"], self.state["best_epoch"]
             self.metrics = [json.loads(line) for line in self._metric_lines()][: self.state["global_epoch"]]
             self.last_val_acc = _ending_val_acc(self.metrics)
+            # Earlier sessions' wall time up to their last logged epoch (work lost to a kill is not).
+            self.elapsed_before = self.metrics[-1].get("elapsed_seconds", 0.0) if self.metrics else 0.0
 
     # -- run dir -------------------------------------------------------------------------------
     def _metric_lines(self) -> list[str]:
@@ -178,6 +186,7 @@ class Trainer:
         return path.read_text().splitlines() if path.is_file() else []
 
     def _log_epoch(self, row: dict) -> None:
+        row["elapsed_seconds"] = self.elapsed_before + time.perf_counter() - self.t_start
         self.metrics.append(row)
         self.last_val_acc = row["val_acc"]
         if self.main:
@@ -208,12 +217,12 @@ class Trainer:
         cached = uses_feature_cache(cfg, phase)
         extract_seconds = 0.0
         if cached:
-            train_in, val_in, extract_seconds = self._features(res)
+            train_in, train_y, val_in, extract_seconds = self._features(res, phase.cached_flips)
             net: torch.nn.Module = model.head
         else:
-            train_in, val_in, net = data.train_x, data.val_x, model
+            train_in, train_y, val_in, net = data.train_x, data.train_y, data.val_x, model
         if phase.optimizer == "lbfgs":  # validated: cached features and a linear head
-            self._probe_phase(p_idx, phase, train_in, val_in, res, extract_seconds)
+            self._probe_phase(p_idx, phase, train_in, train_y, val_in, res, extract_seconds)
             return
         n_train = len(train_in)
         steps = math.ceil(n_train / phase.batch_size)
@@ -257,7 +266,7 @@ class Trainer:
                 # generator, then trains on its own slice: world size 1 takes all of it.
                 part = distributed.shard(len(idx))
                 idx_dev = idx.to(self.device)
-                y = data.train_y[idx_dev[part]]
+                y = train_y[idx_dev[part]]
                 if cached:
                     x = train_in[idx_dev[part]]
                 else:
@@ -318,8 +327,8 @@ class Trainer:
                 break
 
     def _probe_phase(
-        self, p_idx: int, phase: PhaseConfig, train_in: torch.Tensor, val_in: torch.Tensor,
-        res: int, extract_seconds: float,
+        self, p_idx: int, phase: PhaseConfig, train_in: torch.Tensor, train_y: torch.Tensor,
+        val_in: torch.Tensor, res: int, extract_seconds: float,
     ) -> None:
         """Linear probe by L-BFGS: one metrics row per L2 penalty; the head ends on the best one.
 
@@ -330,7 +339,7 @@ class Trainer:
         t0 = time.perf_counter()
         best: tuple[tuple[float, float], float, dict] | None = None  # (score, l2, head weights)
         rows_before = len(self.metrics)
-        for fit in probe.sweep(train_in, self.data.train_y, phase.l2_values, head.out_features):
+        for fit in probe.sweep(train_in, train_y, phase.l2_values, head.out_features):
             with torch.no_grad():
                 head.weight.copy_(fit.weight.to(head.weight))
                 head.bias.copy_(fit.bias.to(head.bias))
@@ -361,8 +370,13 @@ class Trainer:
             print(f"probe: kept l2 {best[1]:g} (best validation accuracy)", flush=True)
         self._checkpoint(p_idx, phase.epochs, 0, None, None, None, True)
 
-    def _features(self, res: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Cached frozen-backbone features of the train and val images (extracted once).
+    def _features(
+        self, res: int, flips: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """Cached frozen-backbone features: (train features, their labels, val features, seconds).
+
+        With `flips` the training rows are each image's features followed by its mirror image's
+        (labels repeated), so a head trained on them sees flip augmentation; val stays unflipped.
 
         Under torchrun rank 0 extracts them into the cache while the others wait, then they read
         them (a rank that cannot see rank 0's cache folder, e.g. on another machine, extracts too).
@@ -371,8 +385,11 @@ class Trainer:
         folder = default_cache_dir() / "features"
         seconds = 0.0
         out = []
+        sets = [("train", data.train_x, data.train_y), ("val", data.val_x, data.val_y)]
+        if flips:
+            sets.insert(1, ("mirrored train", data.train_x.flip(-1), data.train_y))
         with distributed.main_first():
-            for name, x, y in (("train", data.train_x, data.train_y), ("val", data.val_x, data.val_y)):
+            for name, x, y in sets:
                 key = cache_key(
                     cfg.model.backbone, cfg.model.weights, cfg.model.head, res, self.precision,
                     fingerprint(x, y),
@@ -384,7 +401,9 @@ class Trainer:
                 )  # fmt: skip
                 out.append(feats)
                 seconds += s
-        return out[0], out[1], seconds
+        if flips:
+            return torch.cat(out[:2]), data.train_y.repeat(2), out[2], seconds
+        return out[0], data.train_y, out[1], seconds
 
     def _validate(
         self, cached: bool, val_in: torch.Tensor, res: int, ema: AveragedModel | None
