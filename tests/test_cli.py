@@ -144,3 +144,22 @@ def test_bench_writes_one_row_per_cell(tmp_path, capsys):
     ]
     assert all(r["img_per_s"] > 0 and r["steps"] >= 2 for r in rows)
     assert len(capsys.readouterr().out.strip().splitlines()) == 5  # 4 rows + "wrote"
+
+
+def test_bench_times_the_model_alone_and_with_its_input_pipeline(tmp_path):
+    out = tmp_path / "bench.json"
+    rc = main([
+        "bench", "--backbones", "cnn", "--resolutions", "48", "--precisions", "fp32",
+        "--modes", "train", "--inputs", "pipeline,model", "--batch-size", "4", "--seconds", "0.05",
+        "--json", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert [r["input"] for r in rows] == ["pipeline", "model"]
+    assert all(r["img_per_s"] > 0 for r in rows)
+
+
+def test_bench_names_a_bad_axis_value_in_one_line(capsys):
+    assert main(["bench", "--backbones", "cnn", "--inputs", "model,disk"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: bad value for --inputs: disk: use a comma list of pipeline,model"]

@@ -436,3 +436,19 @@ def test_real_validation_split_is_balanced(real_train: tuple[torch.Tensor, torch
     train, val = stratified_split(labels, 5000, seed=0)
     assert torch.bincount(labels[val], minlength=10).tolist() == [500] * 10
     assert len(train) == 45_000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_per_step_input_path_never_makes_the_host_wait_for_the_gpu():
+    # A host sync per step (a blocking copy, a value read back) keeps the GPU idle while Python
+    # prepares the next step; CUDA's sync debug mode turns any such sync into an error.
+    images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    gen = torch.Generator().manual_seed(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for idx in batch_indices(len(images), 64, shuffle=True, generator=gen):
+            x = augment(images[idx.to("cuda", non_blocking=True)], "crop-flip", gen)
+            x = to_model_input(x, 96, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert x.shape == (64, 3, 96, 96) and x.is_cuda

@@ -197,10 +197,14 @@ class PoisonedLoss:
         return loss * self.value if self.steps > self.after else loss
 
 
+@pytest.mark.parametrize("check_every", [1, 4], ids=["every-step", "every-4-steps-as-on-a-gpu"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(
-    value, cifar_dir, tmp_path, monkeypatch, capsys
+    value, check_every, cifar_dir, tmp_path, monkeypatch, capsys
 ):
+    # On a GPU the loss is read back every CHECK_EVERY steps (and at each epoch's end), not every
+    # step: the run must still stop in the same epoch, name the first bad value, keep the checkpoint.
+    monkeypatch.setitem(train_mod.CHECK_EVERY, "cpu", check_every)
     recipe = write_recipe(tmp_path / "faults.toml", cifar_dir, epochs=(2, 1))
     run = tmp_path / "run"
     monkeypatch.setattr(train_mod, "F", PoisonedLoss(value, after=7))  # 5 steps an epoch: in epoch 2

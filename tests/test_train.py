@@ -72,6 +72,34 @@ def test_phases_hand_over_frozen_then_unfrozen(cifar_dir, tmp_path):
     assert "extract_seconds" in rows[0]
 
 
+def test_a_phase_runs_at_its_own_precision(cifar_dir, tmp_path, monkeypatch):
+    # bf16 features for the frozen phase, fp32 training after it: what each step actually ran at.
+    cfg = two_phase(cifar_dir, "run.precision=fp32", "phases.0.precision=bf16", "phases.1.epochs=1")
+    extracted, trained = [], []
+    real_cached, real_autocast = train_mod.cached_features, train_mod.hardware.autocast
+
+    def spy_cached(folder, key, model, x, res, batch_size, precision, *args, **kwargs):
+        extracted.append(precision)
+        return real_cached(folder, key, model, x, res, batch_size, precision, *args, **kwargs)
+
+    def spy_autocast(device, precision):
+        trained.append(precision)
+        return real_autocast(device, precision)
+
+    monkeypatch.setattr(train_mod, "cached_features", spy_cached)
+    monkeypatch.setattr(train_mod.hardware, "autocast", spy_autocast)
+    train_mod.train(cfg, tmp_path / "run", progress=False)
+    assert extracted == ["bf16", "bf16"]  # train and val features of phase 0
+    # Training steps in order: phase 0's head steps in bf16, then every step of phase 1 in fp32.
+    n_steps = -(-len(train_mod.load_data(cfg, torch.device("cpu")).train_y) // 50)
+    assert trained == ["bf16"] * (2 * n_steps) + ["fp32"] * n_steps
+
+
+def test_a_phase_precision_must_be_a_known_one(cifar_dir):
+    with pytest.raises(UserError, match=r"phases.0.precision: 'fp16'"):
+        two_phase(cifar_dir, "phases.0.precision=fp16")
+
+
 @pytest.mark.parametrize("precision,atol", [("fp32", 1e-5), ("bf16", 0.1)])
 def test_cached_features_equal_live_features(cifar_dir, tmp_path, precision, atol):
     """The cache holds what a live forward pass computes: to fp32 rounding, or within bf16's

@@ -114,11 +114,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from cifar_transfer.bench import run_bench
     from cifar_transfer.checkpoint import atomic_write_json
 
+    choices = {
+        "--precisions": (args.precisions, ("fp32", "bf16")), "--modes": (args.modes, ("train", "infer")),
+        "--memory-formats": (args.memory_formats, ("channels_last", "nchw")),
+        "--inputs": (args.inputs, ("pipeline", "model")), "--compile": (args.compile, ("off", "on")),
+    }  # fmt: skip
+    for flag, (given, valid) in choices.items():
+        bad = [v for v in given.split(",") if v not in valid]
+        if bad:
+            raise UserError(f"bad value for {flag}: {','.join(bad)}: use a comma list of {','.join(valid)}")
     hardware.set_threads(args.threads)
     rows = run_bench(
         args.backbones.split(","), [int(r) for r in args.resolutions.split(",")],
         args.precisions.split(","), args.modes.split(","), args.batch_size, args.seconds, args.device,
-        tuple(args.memory_formats.split(",")),
+        tuple(args.memory_formats.split(",")), tuple(args.inputs.split(",")),
+        tuple(v == "on" for v in args.compile.split(",")), args.weights,
     )
     if args.json:
         atomic_write_json(Path(args.json), rows)
@@ -188,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default="fp32,bf16", help="comma list: fp32,bf16")
     p.add_argument("--modes", default="train,infer", help="comma list: train,infer")
     p.add_argument("--memory-formats", default="channels_last", help="channels_last,nchw")
+    p.add_argument(
+        "--inputs", default="pipeline",
+        help="pipeline,model: the training input path (index, crop+flip, resize, normalize) or "
+        "a ready tensor (the model alone)",
+    )
+    p.add_argument("--compile", default="off", help="off,on: torch.compile the model (compiled untimed)")
+    p.add_argument("--weights", default="none", help="none (random init) or as model.weights, e.g. imagenet")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seconds", type=float, default=10.0, help="time per cell (at least 2 steps)")
     p.add_argument("--device", default="auto")

@@ -60,6 +60,9 @@ class PhaseConfig:
     # Phases on cached features only: also cache each training image's mirror image and train on
     # both (flip augmentation for a frozen backbone; train extraction takes 2x). Val stays plain.
     cached_flips: bool = False
+    # "" = run.precision; else auto | bf16 | fp32 for this phase's extraction, training and
+    # validation (e.g. bf16 feature extraction, then fp32 fine-tuning where that trains faster).
+    precision: str = ""
 
 
 @dataclass
@@ -247,6 +250,11 @@ def validate(cfg: Config) -> None:
             not p.cached_flips or (p.freeze == "all" and p.augment == "none" and r.feature_cache),
             f"bad value for {k}.cached_flips: it mirrors cached features, so it needs "
             f"freeze = \"all\", augment = \"none\" and run.feature_cache (or use augment = \"flip\")",
+        )
+        _check(
+            p.precision in ("",) + PRECISIONS,
+            f"bad value for {k}.precision: {p.precision!r} (\"\" = run.precision, or one of "
+            f"{', '.join(PRECISIONS)})",
         )
         _check(p.early_stop_patience >= 0, f"bad value for {k}.early_stop_patience (>= 0)")
         _check(

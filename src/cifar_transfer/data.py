@@ -363,9 +363,9 @@ def batch_indices(
     return batches
 
 
-def _reflect_positions(size: int, pad: int) -> torch.Tensor:
+def _reflect_positions(size: int, pad: int, device: torch.device | None = None) -> torch.Tensor:
     """Source index of each position of a reflect-padded axis (size 5, pad 2: 2 1 0 1 2 3 4 3 2)."""
-    positions = torch.arange(-pad, size + pad).abs()
+    positions = torch.arange(-pad, size + pad, device=device).abs()
     return torch.where(positions >= size, 2 * (size - 1) - positions, positions)
 
 
@@ -392,8 +392,9 @@ def augment(images: torch.Tensor, mode: str, generator: torch.Generator) -> torc
     # Instead of padding then cropping, map every output pixel straight to its source pixel:
     # row i of the crop is padded row dy+i, i.e. source row reflect(dy+i - pad); a flip reads the
     # crop's columns right to left. Two gathers, no per-image loop, any dtype, no padded copy.
-    rows_src = _reflect_positions(h, _CROP_PAD).to(device)
-    cols_src = _reflect_positions(w, _CROP_PAD).to(device)
+    # Built on the device: a blocking host->GPU copy here would stall the GPU every step.
+    rows_src = _reflect_positions(h, _CROP_PAD, device)
+    cols_src = _reflect_positions(w, _CROP_PAD, device)
     out_rows = torch.arange(h, device=device)
     out_cols = torch.arange(w, device=device)
     rows = rows_src[dy[:, None] + out_rows]  # (B,H)
@@ -421,8 +422,10 @@ def to_model_input(
         raise ValueError(f"resolution must be positive, got {resolution}")
     # Normalizing before resizing gives the same result as after (bilinear weights sum to 1, so
     # the per-channel affine map commutes with it) while touching 49x fewer pixels at 224 px.
-    scale = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
-    shift = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
+    # torch.tensor(..., device=cuda) copies with a stream sync; a non-blocking copy of a small
+    # host tensor does not make the host wait for the GPU's queue (the driver stages it at once).
+    stats = torch.tensor([mean, std], dtype=torch.float32).to(images.device, non_blocking=True) * 255.0
+    shift, scale = stats[0].view(1, -1, 1, 1), stats[1].view(1, -1, 1, 1)
     x = (images.float() - shift) / scale
     if (resolution, resolution) != tuple(images.shape[-2:]):
         x = F.interpolate(

@@ -128,6 +128,10 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# Steps between two host reads of the loss (is it finite?), per device type: on a GPU each read
+# waits for the queued steps to finish, on a CPU it costs nothing.
+CHECK_EVERY = {"cpu": 1, "cuda": 50}
+
 # metrics.jsonl fields that measure time, not the computation: they differ between two runs.
 TIMING_KEYS = frozenset({"seconds", "img_per_s", "extract_seconds", "elapsed_seconds"})
 
@@ -213,11 +217,14 @@ class Trainer:
         cfg, model, data = self.cfg, self.model, self.data
         apply_freeze(model, phase.freeze)
         res = phase_resolution(cfg, phase, model)
+        # A phase may run at its own precision: bf16 extraction is 2x faster than fp32 on a bf16
+        # CPU while Lite training below 224 px is faster in fp32 (BENCHMARKS.md).
+        prec = hardware.pick_precision(phase.precision or cfg.run.precision, self.device)
         spec = model.spec
         cached = uses_feature_cache(cfg, phase)
         extract_seconds = 0.0
         if cached:
-            train_in, train_y, val_in, extract_seconds = self._features(res, phase.cached_flips)
+            train_in, train_y, val_in, extract_seconds = self._features(res, phase.cached_flips, prec)
             net: torch.nn.Module = model.head
         else:
             train_in, train_y, val_in, net = data.train_x, data.train_y, data.val_x, model
@@ -259,27 +266,34 @@ class Trainer:
                 disable=not self.progress, mininterval=1.0, dynamic_ncols=True, leave=False,
             )
             seen = 0
-            for idx in bar:
+            # Reading a GPU value on the host (is the loss finite?) makes the host wait for the
+            # GPU to finish every queued step, so there the check runs every CHECK_EVERY steps
+            # and at the epoch's end; the first non-finite loss is kept for the message. No
+            # checkpoint is written inside an epoch, so the last one stays good either way.
+            check_every = CHECK_EVERY.get(self.device.type, 1)
+            nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+            first_bad = torch.zeros((), device=self.device)
+            for step, idx in enumerate(bar):
                 if len(idx) < self.world:  # a tail batch too small to give every rank an image
                     continue
                 # Every rank draws the same global batch (and its augmentation) from the shared
                 # generator, then trains on its own slice: world size 1 takes all of it.
                 part = distributed.shard(len(idx))
-                idx_dev = idx.to(self.device)
+                idx_dev = idx.to(self.device, non_blocking=True)
                 y = train_y[idx_dev[part]]
                 if cached:
                     x = train_in[idx_dev[part]]
                 else:
                     x = augment(data.train_x[idx_dev], phase.augment, self.gen)[part]
                     x = to_model_input(x, res, spec.mean, spec.std, cfg.run.channels_last)
-                with hardware.autocast(self.device, self.precision):
+                with hardware.autocast(self.device, prec):
                     logits = forward(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=phase.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise UserError(
-                        f"loss became {loss.item()} in phase {phase.name!r} epoch {epoch + 1}: lower "
-                        f"the lr ({phase.lr}); the last good checkpoint is {self.out / LAST}"
-                    )
+                finite = torch.isfinite(loss.detach())
+                first_bad = torch.where(nonfinite | finite, first_bad, loss.detach())
+                nonfinite |= ~finite
+                if step % check_every == check_every - 1 and nonfinite:
+                    self._diverged(first_bad, phase, epoch)
                 optimizer.zero_grad(set_to_none=True)
                 # DDP averages gradients over ranks; weighting each slice by its share of the
                 # global batch makes that the global batch's mean even when slices differ in size.
@@ -295,12 +309,14 @@ class Trainer:
                 if self.progress:
                     bar.set_postfix(img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
             bar.close()
+            if nonfinite:  # the steps since the last check (all of them on a GPU's last stretch)
+                self._diverged(first_bad, phase, epoch)
             if self.world > 1:  # sums over every rank's slices
                 seen_t = torch.tensor(float(seen), dtype=torch.float64, device=self.device)
                 totals = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(), seen_t]))
                 loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
             train_seconds = time.perf_counter() - t0
-            val = self._validate(cached, val_in, res, ema)
+            val = self._validate(cached, val_in, res, ema, prec)
             row = {
                 "phase": p_idx, "phase_name": phase.name, "epoch": len(self.metrics) + 1,
                 "phase_epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, seen),
@@ -325,6 +341,12 @@ class Trainer:
                 if self.main:
                     print(f"early stop: {phase.name} had no val_acc gain for {stale} epochs", flush=True)
                 break
+
+    def _diverged(self, loss: torch.Tensor, phase: PhaseConfig, epoch: int) -> None:
+        raise UserError(
+            f"loss became {loss.item()} in phase {phase.name!r} epoch {epoch + 1}: lower the lr "
+            f"({phase.lr}); the last good checkpoint is {self.out / LAST}"
+        )
 
     def _probe_phase(
         self, p_idx: int, phase: PhaseConfig, train_in: torch.Tensor, train_y: torch.Tensor,
@@ -371,7 +393,7 @@ class Trainer:
         self._checkpoint(p_idx, phase.epochs, 0, None, None, None, True)
 
     def _features(
-        self, res: int, flips: bool = False
+        self, res: int, flips: bool = False, precision: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """Cached frozen-backbone features: (train features, their labels, val features, seconds).
 
@@ -382,6 +404,7 @@ class Trainer:
         them (a rank that cannot see rank 0's cache folder, e.g. on another machine, extracts too).
         """
         cfg, model, data = self.cfg, self.model, self.data
+        precision = precision or self.precision
         folder = default_cache_dir() / "features"
         seconds = 0.0
         out = []
@@ -391,11 +414,11 @@ class Trainer:
         with distributed.main_first():
             for name, x, y in sets:
                 key = cache_key(
-                    cfg.model.backbone, cfg.model.weights, cfg.model.head, res, self.precision,
+                    cfg.model.backbone, cfg.model.weights, cfg.model.head, res, precision,
                     fingerprint(x, y),
                 )
                 feats, s = cached_features(
-                    folder, key, model, x, res, cfg.run.eval_batch_size, self.precision,
+                    folder, key, model, x, res, cfg.run.eval_batch_size, precision,
                     cfg.run.channels_last, desc=f"{name} features",
                     compile_setting=cfg.run.compile_features, progress=self.progress,
                 )  # fmt: skip
@@ -406,12 +429,14 @@ class Trainer:
         return out[0], data.train_y, out[1], seconds
 
     def _validate(
-        self, cached: bool, val_in: torch.Tensor, res: int, ema: AveragedModel | None
+        self, cached: bool, val_in: torch.Tensor, res: int, ema: AveragedModel | None,
+        precision: str | None = None,
     ) -> tuple[float | None, float | None]:
         if len(self.data.val_y) == 0:  # val_size=0: nothing to measure (JSON has no NaN)
             return None, None
+        precision = precision or self.precision
         if self.world > 1:
-            return self._validate_shards(cached, val_in, res, ema)
+            return self._validate_shards(cached, val_in, res, ema, precision)
         if cached:
             self.model.head.eval()
             with torch.inference_mode():
@@ -421,13 +446,13 @@ class Trainer:
             spec = self.model.spec
             logits = predict_logits(
                 model, val_in, res, spec.mean, spec.std, self.cfg.run.eval_batch_size,
-                self.precision, self.cfg.run.channels_last,
+                precision, self.cfg.run.channels_last,
             )
         y = self.data.val_y.cpu()
         return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
 
     def _validate_shards(
-        self, cached: bool, val_in: torch.Tensor, res: int, ema: AveragedModel | None
+        self, cached: bool, val_in: torch.Tensor, res: int, ema: AveragedModel | None, precision: str
     ) -> tuple[float, float]:
         """Each rank scores its slice of the validation images; loss and hits are summed."""
         part = distributed.shard(len(val_in))
@@ -442,7 +467,7 @@ class Trainer:
                 spec = self.model.spec
                 logits = predict_logits(
                     self._evaluated_model(ema), x, res, spec.mean, spec.std,
-                    self.cfg.run.eval_batch_size, self.precision, self.cfg.run.channels_last,
+                    self.cfg.run.eval_batch_size, precision, self.cfg.run.channels_last,
                 ).to(self.device)
             sums[0] = F.cross_entropy(logits, y, reduction="sum").double()
             sums[1] = (logits.argmax(1) == y).sum().double()
