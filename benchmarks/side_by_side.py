@@ -12,7 +12,7 @@ resolution, same optimizer (SGD momentum), every layer trained, real CIFAR-10 im
 - ours: the uint8 images resident on the device as one tensor, random crop + flip and the
   resize to 224 done batched on the device (`data.augment`, `data.to_model_input`), bf16
   autocast where the hardware runs it fast (`hardware.pick_precision("auto")`), channels_last,
-  and glibc malloc keeping freed memory (`hardware.keep_freed_memory()`, as the `cifar-transfer`
+  and glibc malloc keeping freed memory (`allocator.keep_freed_memory()`, as the `cifar-transfer`
   command does at start). The tutorial runs first, before that setting, as a plain script would.
 
 Each side runs `--warmup` untimed steps, then `--steps` timed ones, end to end (input pipeline
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from cifar_transfer import hardware
+from cifar_transfer import allocator, hardware
 from cifar_transfer.data import augment, load_split, resolve_data_dir, to_model_input
 from cifar_transfer.features import extract_features
 from cifar_transfer.models import apply_freeze, create_model
@@ -175,7 +175,7 @@ def main_frozen(args, images, labels) -> dict:
     images, labels = images[: args.images], labels[: args.images]
     slow = tutorial_frozen(args, images, labels)
     print(f"tutorial, frozen backbone every epoch (PIL, DataLoader x2, fp32, NCHW): {slow:7.2f} img/s")
-    hardware.keep_freed_memory()  # ours from here on: the tool's process setting
+    allocator.keep_freed_memory()  # ours from here on: the tool's process setting
     fast, fast_one, precision = ours_frozen(args, images, labels)
     print(f"ours, features once ({precision}, channels_last) + head: {fast:7.2f} img/s over "
           f"{args.epochs} epochs ({fast_one:.2f} img/s for 1 epoch)")
@@ -213,7 +213,7 @@ def main() -> None:
         return
     slow = tutorial(args, images, labels)
     print(f"tutorial (PIL Resize, DataLoader x2 workers, fp32, NCHW): {slow:7.2f} img/s", flush=True)
-    hardware.keep_freed_memory()  # ours from here on: the tool's process setting
+    allocator.keep_freed_memory()  # ours from here on: the tool's process setting
     fast, precision = ours(args, images, labels)
     print(f"ours (resident uint8, device resize, {precision}, channels_last): {fast:7.2f} img/s")
     result = {
