@@ -111,13 +111,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from cifar_transfer import hardware
-    from cifar_transfer.bench import run_bench
+    from cifar_transfer.bench import INPUTS, run_bench
     from cifar_transfer.checkpoint import atomic_write_json
 
     choices = {
         "--precisions": (args.precisions, ("fp32", "bf16")), "--modes": (args.modes, ("train", "infer")),
         "--memory-formats": (args.memory_formats, ("channels_last", "nchw")),
-        "--inputs": (args.inputs, ("pipeline", "model")), "--compile": (args.compile, ("off", "on")),
+        "--inputs": (args.inputs, INPUTS), "--compile": (args.compile, ("off", "on")),
     }  # fmt: skip
     for flag, (given, valid) in choices.items():
         bad = [v for v in given.split(",") if v not in valid]

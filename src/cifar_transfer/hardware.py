@@ -61,4 +61,3 @@ def describe(device: torch.device, precision: str) -> dict:
         info["cpu_threads"] = torch.get_num_threads()
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return info
-
