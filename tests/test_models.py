@@ -10,17 +10,17 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from cifar_transfer.errors import UserError
-from cifar_transfer.models import (
-    TransferModel,
-    apply_freeze,
-    create_model,
-    freeze_layer_order,
+from cifar_transfer.backbones import (
+    BackboneFamily,
+    BackboneSpec,
     get_spec,
     installed_weight_backbones,
     keras_resnet_layers,
-    map_efficientnet_lite_state_dict,
+    register_backbone,
 )
+from cifar_transfer.errors import UserError
+from cifar_transfer.models import TransferModel, apply_freeze, create_model, freeze_layer_order
+from cifar_transfer.weights import map_efficientnet_lite_state_dict
 
 ESPRESSO = 967  # ImageNet class index
 
@@ -63,7 +63,7 @@ def test_head_output_shapes(head: str, feature_dim: int) -> None:
     with torch.no_grad():
         assert model.forward_features(x).shape == (2, feature_dim)
         assert model(x).shape == (2, 7)
-    assert model.head_name == head
+    assert isinstance(model.head, torch.nn.Sequential) == (head == "mlp")
 
 
 def test_mlp_head_is_writeup4_shape() -> None:
@@ -104,6 +104,69 @@ def test_any_timm_model_by_name() -> None:
     x = torch.randn(2, 3, 32, 32)
     assert model.forward_features(x).shape == (2, spec.feature_dim)
     assert model(x).shape == (2, 10)
+
+
+class TwoStageNet(torch.nn.Module):
+    """A toy backbone: two Conv-BN-ReLU stages, then global average pooling to 16 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stage1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                    nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+                                    nn.BatchNorm2d(16), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage2(self.stage1(x)).mean((2, 3))
+
+
+class TwoStageFamily(BackboneFamily):
+    """All a family must say when the base class's defaults fit: how to build the net."""
+
+    def build(self, spec: BackboneSpec, weights: str, keep_top: bool) -> torch.nn.Module:
+        return TwoStageNet()
+
+
+def test_a_family_registered_from_outside_builds_freezes_and_trains(tmp_path) -> None:
+    spec = BackboneSpec("toy_two_stage", 32, (0.5,) * 3, (0.5,) * 3, 16, ("stage1", "stage2"),
+                        ("none",))
+    register_backbone(spec, TwoStageFamily())
+    assert get_spec("toy-two-stage") is spec
+    torch.manual_seed(0)
+    model = create_model("toy_two_stage", "none", "linear")
+    assert isinstance(model.head, torch.nn.Linear) and model.head.in_features == 16
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+    net = model.backbone
+
+    apply_freeze(model, "until:stage1")
+    assert not any(p.requires_grad for p in net.stage1.parameters())
+    assert all(p.requires_grad for p in net.stage2.parameters())
+    before = snapshot(model)
+    sgd_steps(model)
+    after = snapshot(model)
+    assert same(before, after, "backbone.stage1.")  # incl. BN running stats
+    assert not same(before, after, "backbone.stage2.")
+    assert model.frozen_batchnorm == ("backbone.stage1.1",)
+    assert not net.stage1[1].training and net.stage2[1].training
+    with pytest.raises(UserError, match="stage1, stage2"):
+        apply_freeze(model, "until:stage3")
+
+    # from-layer:N counts the modules owning weights: conv, BN, conv, BN.
+    names = [n for n, _ in freeze_layer_order(model)]
+    assert names == ["stage1.0", "stage1.1", "stage2.0", "stage2.1"]
+    apply_freeze(model, "from-layer:3")
+    assert not net.stage2[0].weight.requires_grad and net.stage2[1].weight.requires_grad
+    model.train()
+    assert not net.stage1[1].training and net.stage2[1].training
+
+    # A local weights file loads onto the registered family too.
+    path = tmp_path / "toy.pth"
+    torch.save(model.state_dict(), path)
+    again = create_model("toy_two_stage", str(path), "mlp")
+    assert same(snapshot(model.backbone), snapshot(again.backbone), "stage")
 
 
 # --------------------------------------------------------------------------- freezing
