@@ -19,8 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_transfer import bundle, data
-from cifar_transfer import train as train_mod
+from cifar_transfer import bundle, data, rundir
 from cifar_transfer.checkpoint import is_temp_file, load_checkpoint
 from cifar_transfer.cli import main
 from cifar_transfer.config import apply_overrides, load_recipe, to_toml
@@ -76,7 +75,7 @@ class Evil:
 def model_dir(tmp_path_factory) -> Path:
     """A finished model bundle (random cnn), as train writes it."""
     out = tmp_path_factory.mktemp("bundle")
-    bundle.save_bundle(create_model("cnn", "none", "linear"), load_recipe("cnn-baseline"), out, {})
+    bundle.save_bundle(create_model("cnn", "none", "linear"), load_recipe("cnn-baseline"), out, 32, {})
     return out
 
 
@@ -218,7 +217,7 @@ def test_a_model_file_holding_an_arbitrary_pickle_is_refused_never_executed(
         cfg = apply_overrides(load_recipe("cnn-baseline"), [f"data.data_dir={cifar_dir}"])
         (run / "checkpoints").mkdir(parents=True)
         (run / "config.toml").write_text(to_toml(cfg))
-        torch.save({"model": evil}, run / train_mod.LAST)
+        torch.save({"model": evil}, run / rundir.LAST)
         argv = ["train", "--resume", str(run), "--quiet"]
         fragments = ("is unreadable or unsafe", "delete it to restart the run")
     refused(argv, capsys, *fragments, roots=(tmp_path,))
@@ -273,15 +272,15 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
             "--set", "phases.0.epochs=3", "--set", "data.val_size=20", "--set",
             "data.train_limit=40", "--set", "run.threads=1", "--quiet"]  # fmt: skip
     assert main(argv) == 2
-    error_line(capsys, "no space left on the device while writing", str(run / train_mod.LAST),
+    error_line(capsys, "no space left on the device while writing", str(run / rundir.LAST),
                "previous version of the file is intact", "free some space", "--resume")
-    assert load_checkpoint(run / train_mod.LAST)["global_epoch"] == 1
+    assert load_checkpoint(run / rundir.LAST)["global_epoch"] == 1
     assert not [p for p in run.rglob("*") if is_temp_file(p)], "a temp file was left on the disk"
     assert not (run / "model.safetensors").exists()
 
     monkeypatch.setattr(os, "fsync", real_fsync)  # space freed: the run goes on
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
-    assert load_checkpoint(run / train_mod.LAST)["global_epoch"] == 3
+    assert load_checkpoint(run / rundir.LAST)["global_epoch"] == 3
 
 
 # -- --debug -----------------------------------------------------------------------------------------

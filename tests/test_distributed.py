@@ -16,7 +16,7 @@ import pytest
 import tomli_w
 import torch
 
-from cifar_transfer import distributed
+from cifar_transfer import distributed, rundir
 from cifar_transfer import train as train_mod
 from cifar_transfer.checkpoint import load_checkpoint
 from cifar_transfer.cli import main
@@ -102,9 +102,15 @@ def test_two_ranks_follow_one_rank_and_a_two_rank_checkpoint_resumes_under_one(
     deadline = time.monotonic() + 300
     while True:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        if (two / train_mod.LAST).is_file():
-            shutil.copy(two / train_mod.LAST, snap / train_mod.LAST)
-            if load_checkpoint(snap / train_mod.LAST)["global_epoch"] >= 3:
+        if (two / rundir.LAST).is_file():
+            shutil.copy(two / rundir.LAST, snap / rundir.LAST)
+            ckpt = load_checkpoint(snap / rundir.LAST)
+            try:  # and the best epoch's weights it names (a newer checkpoint may drop them)
+                if ckpt["best"]["file"]:
+                    shutil.copy(two / ckpt["best"]["file"], snap / ckpt["best"]["file"])
+            except FileNotFoundError:
+                continue
+            if ckpt["global_epoch"] >= 3:
                 break
         time.sleep(0.05)
     for name in ("metrics.jsonl", "config.toml"):
@@ -115,8 +121,9 @@ def test_two_ranks_follow_one_rank_and_a_two_rank_checkpoint_resumes_under_one(
     # Only rank 0 printed and wrote: one report, one metrics row per epoch, no stray files.
     assert out.count("done: ") == 1 and out.count("run dir: ") == 1, out
     names = sorted(p.relative_to(two).as_posix() for p in two.rglob("*") if p.is_file())
-    assert names == ["checkpoints/best.safetensors", "checkpoints/last.pt", "config.toml",
-                     "metrics.jsonl", "model.json", "model.safetensors"]  # fmt: skip
+    best = load_checkpoint(two / rundir.LAST)["best"]["file"]
+    assert names == sorted([best, "checkpoints/last.pt", "config.toml", "metrics.jsonl",
+                            "model.json", "model.safetensors"])  # fmt: skip
     assert "extract_seconds" in read_rows(two)[0]
 
     one = tmp_path / "one"
@@ -124,7 +131,7 @@ def test_two_ranks_follow_one_rank_and_a_two_rank_checkpoint_resumes_under_one(
     check_curves(read_rows(two), read_rows(one), "2 ranks vs 1 rank")
 
     # The 2-rank checkpoint holds nothing per rank: one process carries the run to its end.
-    start = load_checkpoint(snap / train_mod.LAST)["global_epoch"]
+    start = load_checkpoint(snap / rundir.LAST)["global_epoch"]
     assert 3 <= start < 6
     train_mod.resume(snap, progress=False)
     rows = read_rows(snap)

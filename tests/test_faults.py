@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from cifar_transfer import runlock
+from cifar_transfer import loop, rundir, runlock
 from cifar_transfer import train as train_mod
 from cifar_transfer.checkpoint import SLOW_WRITE_ENV, is_temp_file, load_checkpoint
 from cifar_transfer.cli import main
 from cifar_transfer.config import load_recipe
 from cifar_transfer.errors import UserError
 
-TIMING = train_mod.TIMING_KEYS
+TIMING = rundir.TIMING_KEYS
 
 
 def write_recipe(path: Path, cifar_dir: Path, epochs: tuple[int, int] = (4, 4)) -> Path:
@@ -151,7 +151,7 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(cifar_
             alive = wait_for(lambda: (run / "config.toml").is_file(), proc)
             time.sleep(rng.uniform(0, epoch_s))
         elif kind == "write":
-            alive = wait_for(lambda: (run / train_mod.LAST).is_file()
+            alive = wait_for(lambda: (run / rundir.LAST).is_file()
                              and any((run / "checkpoints").glob(".last.pt.*.tmp")), proc)
         else:
             alive = wait_for(lambda n=lines_before: metric_lines(run) > n, proc)
@@ -160,20 +160,22 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(cifar_
         proc.kill()
         assert finish(proc) == -signal.SIGKILL
         temps = check_every_file_is_whole(run)
-        last = run / train_mod.LAST
+        last = run / rundir.LAST
         kills.append((kind, metric_lines(run), load_checkpoint(last)["global_epoch"] if last.is_file()
                       else None, len(temps)))  # fmt: skip
         if kind == "write":
             assert any(t.name.startswith(".last.pt.") for t in temps), "kill missed the write"
             # The previous checkpoint survived the torn write of the newer epoch's.
-            assert load_checkpoint(run / train_mod.LAST)["global_epoch"] < metric_lines(run)
+            assert load_checkpoint(run / rundir.LAST)["global_epoch"] < metric_lines(run)
 
     assert finish(start(["train", "--resume", str(run), "--quiet"])) == 0
     print("kills (kind, metric lines, checkpoint epoch, temp files):", kills)
     assert len(kills) >= 5 and "write" in [k[0] for k in kills]
     assert check_every_file_is_whole(run) == [], "temp files of killed writes were not cleaned"
     assert not (run / runlock.LOCK_NAME).exists()
-    for name in ("model.safetensors", train_mod.BEST):
+    best = sorted(p.name for p in (tmp_path / "whole" / "checkpoints").glob("best-epoch*"))
+    assert best == sorted(p.name for p in (run / "checkpoints").glob("best-epoch*")) and len(best) == 1
+    for name in ("model.safetensors", f"checkpoints/{best[0]}"):
         whole, resumed = load_file(tmp_path / "whole" / name), load_file(run / name)
         assert whole.keys() == resumed.keys()
         assert all(torch.equal(whole[k], resumed[k]) for k in whole), f"{name} differs"
@@ -204,21 +206,21 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(
 ):
     # On a GPU the loss is read back every CHECK_EVERY steps (and at each epoch's end), not every
     # step: the run must still stop in the same epoch, name the first bad value, keep the checkpoint.
-    monkeypatch.setitem(train_mod.CHECK_EVERY, "cpu", check_every)
+    monkeypatch.setitem(loop.CHECK_EVERY, "cpu", check_every)
     recipe = write_recipe(tmp_path / "faults.toml", cifar_dir, epochs=(2, 1))
     run = tmp_path / "run"
-    monkeypatch.setattr(train_mod, "F", PoisonedLoss(value, after=7))  # 5 steps an epoch: in epoch 2
+    monkeypatch.setattr(loop, "F", PoisonedLoss(value, after=7))  # 5 steps an epoch: in epoch 2
     rc = main(["train", "--recipe", str(recipe), "--out", str(run), "--quiet"])
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: loss became {value}"), err
-    assert "lower the lr" in err[0] and str(run / train_mod.LAST) in err[0]
-    ckpt = load_checkpoint(run / train_mod.LAST)
+    assert "lower the lr" in err[0] and str(run / rundir.LAST) in err[0]
+    ckpt = load_checkpoint(run / rundir.LAST)
     assert (ckpt["global_epoch"], ckpt["phase"], ckpt["phase_epoch"]) == (1, 0, 1)
     assert not (run / "model.safetensors").exists()
     assert check_every_file_is_whole(run) == [] and not (run / runlock.LOCK_NAME).exists()
 
-    monkeypatch.setattr(train_mod, "F", F)  # the run goes on from the kept checkpoint
+    monkeypatch.setattr(loop, "F", F)  # the run goes on from the kept checkpoint
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert [r["epoch"] for r in read_rows(run)] == [1, 2, 3]
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 
 from cifar_transfer import probe
@@ -100,13 +101,26 @@ def test_lbfgs_needs_a_linear_head_on_cached_features(cifar_dir):
         tiny_probe(cifar_dir, "phases.0.l2_values=,")
 
 
-def test_a_resumed_run_reports_the_probe_penalty_it_kept_not_the_last_one_swept():
-    """keep_best off: after a probe phase the head holds the best penalty's weights."""
-    rows = [
-        {"phase": 0, "l2": 1e-2, "val_acc": 0.80},
-        {"phase": 0, "l2": 1e-3, "val_acc": 0.91},
-        {"phase": 0, "l2": 1e-4, "val_acc": 0.88},
-    ]
-    assert train_mod._ending_val_acc(rows) == 0.91
-    assert train_mod._ending_val_acc([*rows, {"phase": 1, "val_acc": 0.93}]) == 0.93
-    assert train_mod._ending_val_acc([]) is None
+def test_a_resumed_run_reports_the_probe_penalty_it_kept_not_the_last_one_swept(
+    cifar_dir, tmp_path, monkeypatch
+):
+    """keep_best off: after a probe phase the head holds the best penalty's weights, and a run
+    killed right after the probe's checkpoint reports (and bundles) that penalty when resumed."""
+    cfg = tiny_probe(cifar_dir, "run.keep_best=false")
+    whole = train_mod.train(cfg, tmp_path / "whole", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert whole["val_acc"] == max(r["val_acc"] for r in rows) and len(rows) == 3
+    real = train_mod.Run.checkpoint
+
+    def killed_after(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.Run, "checkpoint", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(cfg, tmp_path / "broken", progress=False)
+    monkeypatch.setattr(train_mod.Run, "checkpoint", real)
+    resumed = train_mod.resume(tmp_path / "broken", progress=False)
+    assert resumed["val_acc"] == whole["val_acc"]
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "broken"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

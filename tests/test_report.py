@@ -78,7 +78,11 @@ def test_report_is_one_self_contained_file_with_every_section(run):
     assert 'recipe = &quot;cnn-baseline&quot;' in html
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &lt;b&gt;bold" in html
     assert "<script>alert" not in html and html.count("<script>") == 1  # the image check only
-    assert "torch" in html and "cpu" in html and "fp32" in html  # the environment
+    # The environment, with the precision the model was validated at: bf16 or fp32 depending on
+    # the CPU (precision "auto"), so read it from model.json instead of assuming one.
+    precision = json.loads((run / "model.json").read_text())["precision"]
+    assert precision in ("bf16", "fp32") and f"<td>{precision}</td>" in html
+    assert "torch" in html and "cpu" in html
 
 
 def test_figures_are_real_pngs_beside_the_report_and_the_same_as_embedded(run):
@@ -178,3 +182,17 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     total = re.search(r'data-images-total="(\d+)"', dom)
     assert loaded and total, dom[:300]
     assert int(loaded.group(1)) == int(total.group(1)) == len(FIGURES)
+
+
+def test_an_edited_eval_json_never_reaches_the_report_as_markup(run, tmp_path):
+    """A run dir someone sent: its eval-val.json holds markup where numbers belong. The report
+    re-computes the evaluation instead of copying those values into the page."""
+    sent = Path(shutil.copytree(run, tmp_path / "sent"))
+    evil = json.loads((sent / "eval-val.json").read_text())
+    first = evil["classes"][0]
+    evil["per_class"][first]["support"] = "<img src=x onerror=alert(1)>"
+    (sent / "eval-val.json").write_text(json.dumps(evil))
+    assert main(["report", str(sent)]) == 0
+    html = (sent / "report.html").read_text()
+    assert "onerror" not in html and "<img src=x" not in html
+    assert json.loads((sent / "eval-val.json").read_text())["per_class"][first]["support"] == 10

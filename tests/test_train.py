@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cifar_transfer import loop, rundir
 from cifar_transfer import train as train_mod
 from cifar_transfer.bundle import load_model
 from cifar_transfer.config import apply_overrides, load_recipe
@@ -58,15 +59,15 @@ def test_cnn_learns_above_chance_and_writes_the_run_dir(cifar_dir, tmp_path):
 
 def test_phases_hand_over_frozen_then_unfrozen(cifar_dir, tmp_path):
     cfg = two_phase(cifar_dir)
-    trainer = train_mod.Trainer(cfg, tmp_path, progress=False)
-    before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
-    trainer.run_phase(0, cfg.phases[0])
-    after_head = trainer.model.backbone.state_dict()
+    run = train_mod.Run(cfg, tmp_path, progress=False)
+    before = {k: v.clone() for k, v in run.model.backbone.state_dict().items()}
+    run.run_plan(run.plans[0])
+    after_head = run.model.backbone.state_dict()
     assert all(torch.equal(before[k], after_head[k]) for k in before), "frozen phase moved the backbone"
-    trainer.run_phase(1, cfg.phases[1])
-    after_ft = trainer.model.backbone.state_dict()
+    run.run_plan(run.plans[1])
+    after_ft = run.model.backbone.state_dict()
     assert any(not torch.equal(before[k], after_ft[k]) for k in before if "weight" in k)
-    rows = trainer.metrics
+    rows = run.log.rows
     assert [r["phase"] for r in rows] == [0, 0, 1, 1]
     assert [r["cached_features"] for r in rows] == [True, True, False, False]
     assert "extract_seconds" in rows[0]
@@ -90,9 +91,10 @@ def test_a_phase_runs_at_its_own_precision(cifar_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod.hardware, "autocast", spy_autocast)
     train_mod.train(cfg, tmp_path / "run", progress=False)
     assert extracted == ["bf16", "bf16"]  # train and val features of phase 0
-    # Training steps in order: phase 0's head steps in bf16, then every step of phase 1 in fp32.
+    # Forward passes in order: each epoch's steps then its validation (one batch of 100): phase
+    # 0's head in bf16, then every step and the validation of phase 1 in fp32.
     n_steps = -(-len(train_mod.load_data(cfg, torch.device("cpu")).train_y) // 50)
-    assert trained == ["bf16"] * (2 * n_steps) + ["fp32"] * n_steps
+    assert trained == ["bf16"] * (2 * (n_steps + 1)) + ["fp32"] * (n_steps + 1)
 
 
 def test_a_phase_precision_must_be_a_known_one(cifar_dir):
@@ -105,29 +107,30 @@ def test_cached_features_equal_live_features(cifar_dir, tmp_path, precision, ato
     """The cache holds what a live forward pass computes: to fp32 rounding, or within bf16's
     8-bit mantissa (features here are O(1); the fp32 run is the reference for both)."""
     cfg = two_phase(cifar_dir, f"run.precision={precision}")
-    trainer = train_mod.Trainer(cfg, tmp_path, progress=False)
-    assert trainer.precision == precision
-    train_feats, train_y, val_feats, _ = trainer._features(32)
-    assert torch.equal(train_y, trainer.data.train_y)
-    model = trainer.model.eval()
-    live = extract_features(model, trainer.data.val_x, 32, 64, "fp32", True, "live")
+    run = train_mod.Run(cfg, tmp_path, progress=False)
+    assert run.plans[0].precision == precision and run.plans[0].resolution == 32
+    train_feats, train_y, val_feats, _ = train_mod.frozen_features(run, run.plans[0])
+    assert torch.equal(train_y, run.data.train_y)
+    model = run.model.eval()
+    live = extract_features(model, run.data.val_x, 32, 64, "fp32", True, "live")
     assert torch.allclose(val_feats.float(), live, atol=atol)
     assert (val_feats.float() - live).abs().mean() < atol / 10
-    again, _, _, _ = trainer._features(32)  # second call is served from the cache
+    again, _, _, _ = train_mod.frozen_features(run, run.plans[0])  # served from the cache
     assert torch.equal(again, train_feats)
 
 
 def test_cached_flips_add_each_training_images_mirror_and_leave_val_plain(cifar_dir, tmp_path):
     cfg = two_phase(cifar_dir, "run.precision=fp32")
-    trainer = train_mod.Trainer(cfg, tmp_path, progress=False)
-    plain, _, val_plain, _ = trainer._features(32)
-    feats, y, val_feats, _ = trainer._features(32, flips=True)
-    n = len(trainer.data.train_y)
+    run = train_mod.Run(cfg, tmp_path, progress=False)
+    plain, _, val_plain, _ = train_mod.frozen_features(run, run.plans[0])
+    cfg.phases[0].cached_flips = True
+    feats, y, val_feats, _ = train_mod.frozen_features(run, run.plans[0])
+    n = len(run.data.train_y)
     assert feats.shape == (2 * n, plain.shape[1])
-    assert torch.equal(y, torch.cat([trainer.data.train_y, trainer.data.train_y]))
+    assert torch.equal(y, torch.cat([run.data.train_y, run.data.train_y]))
     assert torch.equal(feats[:n], plain) and torch.equal(val_feats, val_plain)
-    mirrored = trainer.data.train_x.flip(-1)  # (N, 3, H, W): -1 is the width, a horizontal flip
-    live = extract_features(trainer.model.eval(), mirrored, 32, 64, "fp32", True, "live")
+    mirrored = run.data.train_x.flip(-1)  # (N, 3, H, W): -1 is the width, a horizontal flip
+    live = extract_features(run.model.eval(), mirrored, 32, 64, "fp32", True, "live")
     assert torch.allclose(feats[n:], live, atol=1e-5)
     assert not torch.allclose(feats[n:], plain, atol=1e-2), "the mirror images' features are the originals'"
 
@@ -137,7 +140,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(extra, cifar_dir, tmp_
     cfg = two_phase(cifar_dir, *extra)
     train_mod.train(cfg, tmp_path / "whole", progress=False)
 
-    real = train_mod.Trainer._checkpoint
+    real = train_mod.Run.checkpoint
     calls = {"n": 0}
 
     def crash_after_third(self, *args, **kwargs):
@@ -146,17 +149,17 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(extra, cifar_dir, tmp_
         if calls["n"] == 3:  # mid phase 1, after its first epoch's checkpoint
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod.Trainer, "_checkpoint", crash_after_third)
+    monkeypatch.setattr(train_mod.Run, "checkpoint", crash_after_third)
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(cfg, tmp_path / "broken", progress=False)
-    monkeypatch.setattr(train_mod.Trainer, "_checkpoint", real)
+    monkeypatch.setattr(train_mod.Run, "checkpoint", real)
     train_mod.resume(tmp_path / "broken", progress=False)
 
     whole = load_file(tmp_path / "whole" / "model.safetensors")
     resumed = load_file(tmp_path / "broken" / "model.safetensors")
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole), "resume changed the result"
-    drop = train_mod.TIMING_KEYS
+    drop = rundir.TIMING_KEYS
     clean = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / "whole")]
     again = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / "broken")]
     elapsed = [r["elapsed_seconds"] for r in read_metrics(tmp_path / "broken")]
@@ -230,13 +233,13 @@ def test_progressive_resizing_changes_only_the_resolution(cifar_dir, tmp_path, m
     """Two fine-tuning phases at 32 then 48 px see the same batches, labels and augmentation
     draws as a run at 32 px throughout: only the size the images are resized to differs."""
     seen: list[tuple[int, tuple[int, ...], int]] = []
-    real = train_mod.to_model_input
+    real = loop.to_model_input
 
     def spy(images, resolution, mean, std, channels_last=True):
         seen.append((resolution, tuple(images.shape[-2:]), int(images.long().sum())))
         return real(images, resolution, mean, std, channels_last)
 
-    monkeypatch.setattr(train_mod, "to_model_input", spy)
+    monkeypatch.setattr(loop, "to_model_input", spy)
     runs = {}
     for second in (32, 48):
         seen.clear()
@@ -254,3 +257,26 @@ def test_progressive_resizing_changes_only_the_resolution(cifar_dir, tmp_path, m
     assert [(s, h) for _, s, h in runs[48]] == [(s, h) for _, s, h in runs[32]]
     rows = read_metrics(tmp_path / "run48")
     assert [r["resolution"] for r in rows] == [32, 48]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_the_bundle_names_the_resolution_its_best_weights_were_validated_at(
+    precision, cifar_dir, tmp_path
+):
+    """The best epoch is in a 64 px phase, a later 32 px phase scores lower: model.json must say
+    64 px (and the precision it ran at), and `evaluate --split val` must print its val_acc exactly."""
+    cfg = tiny(
+        "seed-native-32", cifar_dir, "model.backbone=resnet18", "model.weights=none",
+        "phases.*.freeze=all", "phases.*.augment=none", "phases.*.batch_size=50",
+        "phases.0.epochs=3", "phases.0.resolution=64", "phases.0.lr=0.01",
+        "phases.1.epochs=1", "phases.1.resolution=32", "phases.1.lr=0.01",
+        f"run.precision={precision}", "phases.1.precision=fp32",
+    )  # fmt: skip
+    summary = train_mod.train(cfg, tmp_path / "run", progress=False)
+    rows = read_metrics(tmp_path / "run")
+    best = max(rows, key=lambda r: r["val_acc"])
+    assert best["phase"] == 0 and rows[-1]["val_acc"] < best["val_acc"], "the setup this test needs"
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["resolution"] == 64 and meta["val_acc"] == best["val_acc"] == summary["val_acc"]
+    assert meta["precision"] == train_mod.hardware.pick_precision(precision, torch.device("cpu"))
+    assert evaluate_run(tmp_path / "run", "val", None)["accuracy"] == meta["val_acc"]

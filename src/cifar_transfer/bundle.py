@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,19 @@ from cifar_transfer.checkpoint import atomic_write_json, save_safetensors
 from cifar_transfer.config import Config
 from cifar_transfer.data import CLASSES
 from cifar_transfer.errors import UserError
+from cifar_transfer.rundir import META, WEIGHTS, parse_file, run_dir_of
 
 FORMAT = "cifar-transfer/1"
 
 
-def save_bundle(model: torch.nn.Module, cfg: Config, out: Path, summary: dict[str, Any]) -> None:
-    """Write the final weights and everything needed to use them (classes, resolution, mean/std)."""
-    resolution = cfg.model.resolution or model.spec.resolution
-    if cfg.phases:
-        resolution = cfg.phases[-1].resolution or resolution
+def save_bundle(
+    model: torch.nn.Module, cfg: Config, out: Path, resolution: int, summary: dict[str, Any]
+) -> None:
+    """Write the final weights and everything needed to use them (classes, mean/std, ...).
+
+    `resolution` (and `summary`'s `precision`) are what the weights were validated at (the best
+    epoch's with keep_best), so `evaluate` scores them as training chose them.
+    """
     meta = {
         "format": FORMAT,
         "classes": list(CLASSES),
@@ -38,25 +43,49 @@ def save_bundle(model: torch.nn.Module, cfg: Config, out: Path, summary: dict[st
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **summary,
     }
-    save_safetensors(Path(out) / "model.safetensors", model.state_dict(), {"format": FORMAT})
-    atomic_write_json(Path(out) / "model.json", meta)
+    save_safetensors(Path(out) / WEIGHTS, model.state_dict(), {"format": FORMAT})
+    atomic_write_json(Path(out) / META, meta)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
     """model.json of a run dir (or beside a model.safetensors file)."""
-    path = Path(path)
-    meta_path = path / "model.json" if path.is_dir() else path.with_name("model.json")
-    if not meta_path.is_file():
-        raise UserError(
-            f"no model.json at {meta_path}: pass a finished run dir (train writes model.json at the end)"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{meta_path} is not valid JSON ({e}): re-run train or restore the file") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{meta_path} is not a cifar-transfer model (format {meta.get('format')!r})")
+    meta_path = run_dir_of(path) / META
+    meta = parse_file(
+        meta_path, json.loads,
+        f"no {META} at {meta_path}: pass a finished run dir (train writes {META} at the end)",
+        "re-run train or restore the file",
+    )  # fmt: skip
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise UserError(f"{meta_path} is not a cifar-transfer model (format {got!r})")
+    problem = _meta_problem(meta)
+    if problem:
+        raise UserError(f"{meta_path} {problem}: restore the file the run wrote (or re-run train)")
     return meta
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _meta_problem(meta: dict[str, Any]) -> str:
+    """What makes a (hand-edited) model.json unusable, or "" when it is fine."""
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        return "has no 'classes' list of names"
+    for key in ("backbone", "head"):
+        if not isinstance(meta.get(key), str) or not meta[key]:
+            return f"has no '{key}' name"
+    res = meta.get("resolution")
+    if not isinstance(res, int) or isinstance(res, bool) or not 8 <= res <= 4096:
+        return f"has resolution {res!r}, expected a whole number of pixels from 8 to 4096"
+    for key in ("mean", "std"):
+        v = meta.get(key)
+        if not isinstance(v, list) or len(v) != 3 or not all(_is_number(x) for x in v):
+            return f"has {key} {v!r}, expected 3 numbers (R, G, B)"
+    if not all(x > 0 for x in meta["std"]):
+        return f"has std {meta['std']!r}, expected 3 positive numbers"
+    return ""
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
@@ -68,7 +97,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     from cifar_transfer.models import create_model
 
     path = Path(path)
-    weights = path / "model.safetensors" if path.is_dir() else path
+    weights = path / WEIGHTS if path.is_dir() else path
     meta = read_meta(path)
     if not weights.is_file():
         raise UserError(f"no weights at {weights}: the run did not finish; resume it with --resume")

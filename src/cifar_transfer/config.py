@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -64,6 +65,11 @@ class PhaseConfig:
     # validation (e.g. bf16 feature extraction, then fp32 fine-tuning where that trains faster).
     precision: str = ""
 
+    def uses_cache(self, feature_cache: bool) -> bool:
+        """A frozen backbone seeing unaugmented images computes the same features every epoch,
+        so with run.feature_cache on the head trains on features extracted once."""
+        return feature_cache and self.freeze == "all" and self.augment == "none"
+
 
 @dataclass
 class RunConfig:
@@ -111,6 +117,16 @@ def _a(noun: str) -> str:
 
 def _coerce(value: Any, typ: type, key: str) -> Any:
     """Turn a TOML value or a --set string into the field's type, or fail naming the key."""
+    out = _convert(value, typ, key)
+    # One rule for every float: inf/nan pass range checks written as `x >= 0` (inf warmup epochs
+    # overflow the schedule, an inf L2 penalty gives a NaN probe) or fail them with a puzzling line.
+    if typ is float and not math.isfinite(out):
+        raise UserError(f"bad value for {key}: {value!r} is not a finite number")
+    return out
+
+
+def _convert(value: Any, typ: type, key: str) -> Any:
+    """The type conversion behind _coerce."""
     if typ is list:  # list[float]: a TOML array, or "1e-3,1e-4" on the command line
         items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
         if not isinstance(items, list) or not items:
@@ -240,14 +256,12 @@ def validate(cfg: Config) -> None:
             all(v >= 0 for v in p.l2_values), f"bad value for {k}.l2_values: {p.l2_values} (>= 0)"
         )
         _check(
-            p.optimizer != "lbfgs"
-            or (p.freeze == "all" and p.augment == "none" and r.feature_cache
-                and cfg.model.head == "linear"),
+            p.optimizer != "lbfgs" or (p.uses_cache(r.feature_cache) and cfg.model.head == "linear"),
             f"bad value for {k}.optimizer: lbfgs fits a linear probe on cached features, so it needs "
             f"freeze = \"all\", augment = \"none\", model.head = \"linear\" and run.feature_cache",
         )  # fmt: skip
         _check(
-            not p.cached_flips or (p.freeze == "all" and p.augment == "none" and r.feature_cache),
+            not p.cached_flips or p.uses_cache(r.feature_cache),
             f"bad value for {k}.cached_flips: it mirrors cached features, so it needs "
             f"freeze = \"all\", augment = \"none\" and run.feature_cache (or use augment = \"flip\")",
         )

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_transfer.bundle import load_model
+from cifar_transfer.bundle import FORMAT, load_model
 from cifar_transfer.checkpoint import atomic_write_bytes
 from cifar_transfer.errors import UserError
 from cifar_transfer.evaluate import predict_logits
+from cifar_transfer.rundir import run_dir_of, run_split
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -73,7 +74,7 @@ def exportable_model(model: nn.Module, meta: dict) -> RawImageModel:
 def export_metadata(meta: dict) -> dict:
     """What a lone exported file carries about itself (ONNX metadata_props, TorchScript model.json)."""
     return {
-        "format": meta.get("format", "cifar-transfer/1"),
+        "format": meta.get("format", FORMAT),
         "classes": list(meta["classes"]),
         "backbone": meta["backbone"],
         "head": meta["head"],
@@ -188,13 +189,11 @@ def export_run(
     parity_images: torch.Tensor | None = None,
 ) -> dict:
     """Export a run's model to ONNX or TorchScript; write it only if parity holds on val images."""
-    from cifar_transfer.runs import run_split
-
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
     model, meta = load_model(run_dir, "cpu")
-    out = Path(out) if out else (run_dir if run_dir.is_dir() else run_dir.parent) / f"model{SUFFIX[fmt]}"
+    out = Path(out) if out else run_dir_of(run_dir) / f"model{SUFFIX[fmt]}"
     if out.is_dir():
         raise UserError(f"--out {out} is a folder: give a file path, e.g. {out / ('model' + SUFFIX[fmt])}")
     if parity_images is None:

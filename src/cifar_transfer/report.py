@@ -14,20 +14,17 @@ import html
 import io
 import json
 import platform
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from cifar_transfer.bundle import load_model, read_meta
+from cifar_transfer.bundle import read_meta
 from cifar_transfer.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 from cifar_transfer.errors import UserError
-from cifar_transfer.evaluate import compute_metrics, predict_logits
-from cifar_transfer.hardware import pick_device, pick_precision
-from cifar_transfer.runs import RunSplit, run_split
-from cifar_transfer.train import load_run_config
+from cifar_transfer.rundir import CONFIG, eval_file, load_run_config, read_metrics, run_split
+from cifar_transfer.runs import Predictions, evaluation, predict_split
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -42,65 +39,41 @@ TRAIN_COLOUR, VAL_COLOUR = "#0969da", "#d1242f"
 # --------------------------------------------------------------------------- reading the run
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl as a list of epoch rows (empty when the run logged none)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {n} is not JSON ({e}): restore the file or re-run") from None
-    return rows
-
-
-@dataclass
-class Predictions:
-    """Model outputs on a split: what the sample grids and the metrics are made from."""
-
-    split: RunSplit
-    probs: torch.Tensor  # (N, classes)
-    logits: torch.Tensor = field(repr=False)
-
-
-def predict_split(run_dir: Path, split: RunSplit) -> Predictions:
-    """Run the bundle once over the split, the way `evaluate` does."""
-    cfg = load_run_config(run_dir)
-    device = pick_device(cfg.run.device)
-    precision = pick_precision(cfg.run.precision, device)
-    model, meta = load_model(run_dir, device)
-    logits = predict_logits(
-        model, split.images.to(device), meta["resolution"], meta["mean"], meta["std"],
-        cfg.run.eval_batch_size, precision, cfg.run.channels_last,
-    )
-    return Predictions(split, logits.softmax(1), logits)
-
-
 def eval_results(run_dir: Path, preds: Predictions | None) -> dict | None:
     """eval-<split>.json, computed from `preds` and written when it is not there yet."""
     names = [preds.split.name] if preds is not None else ["val", "test"]
     for name in names:
-        path = run_dir / f"eval-{name}.json"
+        path = run_dir / eval_file(name)
         if path.is_file():
             try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError:
+                found = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 break  # a damaged file is re-made below when we can
+            if _usable_eval(found):
+                return found
+            break  # so is one whose values are not what evaluate writes (edited, or another tool's)
     if preds is None:
         return None
-    result = compute_metrics(preds.logits, preds.split.labels)
-    cfg = load_run_config(run_dir)
-    result.update({
-        "split": preds.split.name, "tta": False,
-        "precision": pick_precision(cfg.run.precision, pick_device(cfg.run.device)),
-        "data_dir": str(preds.split.data_dir),
-    })
-    atomic_write_json(run_dir / f"eval-{preds.split.name}.json", result)
+    result = evaluation(preds)
+    atomic_write_json(run_dir / eval_file(preds.split.name), result)
     return result
+
+
+def _usable_eval(result: object) -> bool:
+    """True when an eval JSON has the types `evaluate` writes (the report formats them)."""
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not isinstance(result, dict) or not all(number(result.get(k)) for k in ("accuracy", "loss")):
+        return False
+    classes, per_class = result.get("classes"), result.get("per_class")
+    if not isinstance(classes, list) or not isinstance(per_class, dict):
+        return False
+    keys = ("precision", "recall", "f1", "support")
+    return all(
+        isinstance(per_class.get(c), dict) and all(number(per_class[c].get(k)) for k in keys)
+        for c in classes
+    ) and isinstance(result.get("confusion_matrix"), list)
 
 
 # --------------------------------------------------------------------------- figures
@@ -350,7 +323,7 @@ def _per_class_table(per_class: dict[str, dict], classes: list[str]) -> str:
     body = "".join(
         f"<tr><td>{_esc(c)}</td><td class=num>{per_class[c]['precision']:.3f}</td>"
         f"<td class=num>{per_class[c]['recall']:.3f}</td><td class=num>{per_class[c]['f1']:.3f}"
-        f"</td><td class=num>{per_class[c]['support']}</td></tr>"
+        f"</td><td class=num>{_esc(per_class[c]['support'])}</td></tr>"
         for c in classes
     )
     return f"<table>{head}{body}</table>"
@@ -408,25 +381,18 @@ def render_html(
                      + _per_class_table(evaluation["per_class"], classes) + "</div>")
     else:
         parts.append("<p>No evaluation available (see the note above).</p>")
-    parts.append("<h2 id=samples>Sample predictions</h2>")
-    if "samples" in figures:
-        parts.append(_img(
-            figures["samples"], "sample predictions",
-            f"{GRID} {split} images picked at random (seed {SAMPLE_SEED}): a red frame and a cross "
-            f"mark the wrong predictions; percentages are the predicted class's probability.",
-        ))
-    else:
-        parts.append("<p>Not available without the images (see the note above).</p>")
-    parts.append("<h2 id=mistakes>Most confident mistakes</h2>")
-    if "mistakes" in figures:
-        parts.append(_img(
-            figures["mistakes"], "most confident mistakes",
-            f"The wrong predictions on the {split} split made with the highest probability.",
-        ))
-    elif "samples" in figures:
-        parts.append("<p>None: every image was predicted correctly.</p>")
-    else:
-        parts.append("<p>Not available without the images (see the note above).</p>")
+    no_images = "<p>Not available without the images (see the note above).</p>"
+    grids = (
+        ("samples", "Sample predictions", no_images,
+         (f"{GRID} {split} images picked at random (seed {SAMPLE_SEED}): a red frame and a cross "
+          f"mark the wrong predictions; percentages are the predicted class's probability.")),
+        ("mistakes", "Most confident mistakes",
+         "<p>None: every image was predicted correctly.</p>" if "samples" in figures else no_images,
+         f"The wrong predictions on the {split} split made with the highest probability."),
+    )  # fmt: skip
+    for key, title, missing, caption in grids:
+        parts.append(f"<h2 id={key}>{title}</h2>")
+        parts.append(_img(figures[key], title.lower(), caption) if key in figures else missing)
     env_keys = ("device", "gpu", "precision", "torch", "cpu_threads", "cpu_capability")
     env = [(f"training {k}", meta[k]) for k in env_keys if k in meta]
     env += [
@@ -454,7 +420,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None) -> dict:
     run_dir = Path(run_dir)
     load_run_config(run_dir)  # a clear error for a path that is not a run dir
     meta = read_meta(run_dir)
-    cfg_text = (run_dir / "config.toml").read_text()
+    cfg_text = (run_dir / CONFIG).read_text()
     rows = read_metrics(run_dir)
     notes: list[str] = []
     preds = None
