@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +165,48 @@ def test_bench_names_a_bad_axis_value_in_one_line(capsys):
     assert main(["bench", "--backbones", "cnn", "--inputs", "model,disk"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: bad value for --inputs: disk: use a comma list of pipeline,model"]
+
+
+TINY = ["--set", "phases.0.epochs=1", "--set", "data.val_size=20", "--set", "data.train_limit=20",
+        "--set", "run.threads=1", "--quiet"]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["--data-dir", "--set"])
+def test_a_relative_data_dir_is_saved_absolute(how, cifar_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(cifar_dir.parent)
+    given = ["--data-dir", cifar_dir.name] if how == "--data-dir" else [
+        "--set", f"data.data_dir={cifar_dir.name}"]  # fmt: skip
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "cnn-baseline", "--out", str(out), *given, *TINY]) == 0
+    saved = Path(tomllib.loads((out / "config.toml").read_text())["data"]["data_dir"])
+    assert saved.is_absolute() and saved.resolve() == cifar_dir.resolve()
+    monkeypatch.chdir(tmp_path)  # a tool run from elsewhere still finds the run's data
+    assert main(["evaluate", str(out)]) == 0
+
+
+def test_an_interrupt_names_resume_only_for_train_and_with_the_run_dir(
+    tmp_path, monkeypatch, capsys
+):
+    import cifar_transfer.predict
+    import cifar_transfer.train
+
+    def stopped_after_start(cfg, out, **kwargs):
+        out.mkdir(parents=True)
+        (out / "config.toml").write_text("")
+        raise KeyboardInterrupt
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(cifar_transfer.train, "train", stopped_after_start)
+    assert main(["train", "--recipe", "cnn-baseline", "--out", str(out), "--quiet"]) == 130
+    assert capsys.readouterr().err == (
+        f"interrupted: continue with `cifar-transfer train --resume {out}`\n"
+    )
+    monkeypatch.setattr(cifar_transfer.train, "train", stopped)  # before the run dir existed
+    assert main(["train", "--recipe", "cnn-baseline", "--out", str(tmp_path / "r2")]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    monkeypatch.setattr(cifar_transfer.predict, "load_predictor", stopped)
+    assert main(["predict", str(out), "x.png"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

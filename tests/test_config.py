@@ -103,3 +103,24 @@ def test_unknown_key_inside_a_recipe_file_is_refused(tmp_path):
     path.write_text('[model]\nbackbone = "resnet18"\nheads = "mlp"\n')
     with pytest.raises(UserError, match="model.heads"):
         load_recipe(str(path))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "phases.0.warmup_epochs=inf", "phases.0.l2_values=1e-3,inf", "phases.0.lr=nan",
+        "phases.0.lr=inf", "phases.0.weight_decay=inf", "run.ema=nan", "phases.*.momentum=-inf",
+    ],
+)  # fmt: skip
+def test_non_finite_numbers_are_refused_naming_the_key(override):
+    key = override.partition("=")[0]
+    with pytest.raises(UserError) as err:
+        apply_overrides(load_recipe("default"), [override])
+    assert str(err.value).startswith(f"bad value for {key}: ") and "finite number" in str(err.value)
+
+
+def test_non_finite_numbers_in_a_recipe_file_are_refused(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("[[phases]]\nlr = 0.1\nwarmup_epochs = inf\n")
+    with pytest.raises(UserError, match=r"phases\.0\.warmup_epochs: inf is not a finite number"):
+        load_recipe(str(path))

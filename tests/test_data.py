@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import tarfile
 import time
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cifar_transfer import data as data_mod
 from cifar_transfer.data import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -94,6 +96,16 @@ def test_load_split_accepts_bytes_keys(tmp_path: Path) -> None:
     assert images[0].flatten().tolist() == data[0].tolist()
 
 
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_batches_pickled_with_any_protocol_load(protocol: int, tmp_path: Path) -> None:
+    batches, data, labels = make_batches_dir(tmp_path)
+    with (batches / "data_batch_1").open("wb") as f:  # numpy scalars too, as re-saved lists hold
+        pickle.dump({"data": data[:PER_BATCH], "labels": list(labels[:PER_BATCH])}, f, protocol)
+    images, targets = load_split(batches, "train")
+    assert images[0].flatten().tolist() == data[0].tolist()
+    assert targets.tolist() == labels.tolist()
+
+
 def test_resolve_data_dir_accepts_dir_and_parent(tmp_path: Path) -> None:
     batches, _, _ = make_batches_dir(tmp_path)
     assert resolve_data_dir(batches) == batches
@@ -124,6 +136,20 @@ def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("CIFAR_TRANSFER_CACHE")
     assert default_cache_dir() == Path.home() / ".cache" / "cifar-transfer"
+
+
+def test_default_cache_dir_without_a_home_is_absolute_and_unwritable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("CIFAR_TRANSFER_CACHE")
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(os.path, "expanduser", lambda p: p)  # no HOME and no passwd entry
+    monkeypatch.chdir(tmp_path)
+    cache = default_cache_dir()  # never a "~" folder in the current directory
+    assert cache.is_absolute()
+    with pytest.raises(UserError, match="CIFAR_TRANSFER_CACHE") as err:
+        resolve_data_dir(None)
+    assert "--data-dir" in str(err.value) and list(tmp_path.iterdir()) == []
 
 
 def test_truncated_batch_is_reported(tmp_path: Path) -> None:
@@ -223,6 +249,36 @@ def test_download_offline_points_to_data_dir(tmp_path: Path) -> None:
         download_cifar10(cache, url="http://127.0.0.1:9/x.tar.gz")
     assert "--data-dir" in str(err.value)
     assert list(cache.iterdir()) == []
+
+
+class EndlessResponse:
+    """A server that streams bytes forever (no Content-Length) and counts what was read."""
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.read_bytes = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def read(self, n: int) -> bytes:
+        self.read_bytes += n
+        assert self.read_bytes < 100 << 20, "the download kept reading past the expected size"
+        return b"x" * n
+
+
+def test_download_stops_once_past_the_expected_size(tmp_path: Path, monkeypatch) -> None:
+    server = EndlessResponse()
+    monkeypatch.setattr(data_mod.urllib.request, "urlopen", lambda url, timeout: server)
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError, match="more than the 3,000,000 bytes") as err:
+        download_cifar10(cache, url="https://example.invalid/c.tar.gz", size=3_000_000)
+    assert "--data-dir" in str(err.value) and server.read_bytes <= 3_000_000 + (2 << 20)
+    assert list(cache.iterdir()) == []
+    assert data_mod.CIFAR10_BYTES == 170498071  # the official cifar-10-python.tar.gz
 
 
 def test_download_rejects_unsafe_or_foreign_archives(tmp_path: Path) -> None:

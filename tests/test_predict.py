@@ -6,12 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from cifar_transfer import predict as predict_mod
 from cifar_transfer.cli import main
 from cifar_transfer.data import load_split
-from cifar_transfer.predict import load_predictor, predict_paths
+from cifar_transfer.predict import load_predictor, predict_paths, read_image
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +114,65 @@ def test_bad_options_are_one_error_line(run, folder, extra, fragment, capsys):
 def test_a_missing_onnx_file_is_one_error_line(folder, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "nope.onnx"), str(folder)]) == 2
     assert capsys.readouterr().err.startswith(f"error: no ONNX file at {tmp_path / 'nope.onnx'}")
+
+
+def test_results_are_printed_batch_by_batch_while_later_files_are_unread(
+    run, folder, monkeypatch, capsys
+):
+    monkeypatch.setattr(predict_mod, "READ_BATCH", 2)
+    printed: list[str] = []
+    lines_at_read: list[int] = []  # how many results the user had seen when each file was opened
+    real_read = predict_mod.read_image
+
+    def spy(path: Path):
+        printed.extend(capsys.readouterr().out.splitlines())
+        lines_at_read.append(len(printed))
+        return real_read(path)
+
+    monkeypatch.setattr(predict_mod, "read_image", spy)
+    assert main(["predict", str(run), str(folder), "--batch-size", "1"]) == 0
+    printed.extend(capsys.readouterr().out.splitlines())
+    assert len(printed) == 7
+    assert lines_at_read == [0, 0, 2, 2, 4, 4, 6]
+
+
+def test_forward_batches_keep_to_batch_size_whatever_the_read_batch(run, folder, monkeypatch):
+    predictor = load_predictor(run)
+    sizes: list[int] = []
+    real_logits = predictor.logits
+    monkeypatch.setattr(predictor, "logits", lambda x: sizes.append(len(x)) or real_logits(x))
+    monkeypatch.setattr(predict_mod, "READ_BATCH", 5)
+    preds = predict_paths(predictor, [str(folder)], batch_size=2)
+    assert len(preds) == 7 and all(p.top and not p.error for p in preds)
+    assert sizes == [2, 2, 1, 2]  # files read 5, then 2; each read batch forwarded 2 at a time
+
+
+def test_a_glob_through_a_symlink_loop_finishes_and_lists_each_image_once(
+    run, folder, tmp_path, capsys
+):
+    root = Path(shutil.copytree(folder, tmp_path / "photos"))
+    (root / "sub" / "loop").symlink_to(root)  # photos/sub/loop/sub/loop/... never ends
+    (root / "self").symlink_to(".")
+    (root / "itself.png").symlink_to("itself.png")  # a link to itself: no file behind it
+    assert main(["predict", str(run), str(root / "**" / "*.png"), "--json"]) == 0
+    found = sorted(Path(p["path"]).relative_to(root).as_posix()
+                   for p in json.loads(capsys.readouterr().out))  # fmt: skip
+    assert found == ["img1.png", "img3.png", "img5.png", "sub/deep.png"]
+    assert main(["predict", str(run), str(root)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 7
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_size_to_the_same_image(tmp_path, monkeypatch):
+    path = tmp_path / "big.jpg"
+    x, y = np.linspace(0, 255, 2400)[None, :], np.linspace(0, 255, 1600)[:, None]
+    rgb = np.stack(np.broadcast_arrays(x, y, (x + y) / 2), axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(path, quality=90)
+    opened: list[Image.Image] = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda p: opened.append(real_open(p)) or opened[-1])
+    small = read_image(path)
+    assert opened[0].size == (300, 200), "the JPEG was decoded at full size"
+    with real_open(path) as full:
+        ref = full.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    diff = np.abs(small.permute(1, 2, 0).numpy().astype(int) - np.asarray(ref, dtype=int))
+    assert diff.mean() < 2.0

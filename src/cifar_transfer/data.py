@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # of the official archive, never of a local dir
+# Its size in bytes: a download that runs past it is not that archive (a wrong URL, a server that
+# streams forever), so it stops there instead of filling the disk before the MD5 check.
+CIFAR10_BYTES = 170_498_071
 # Per-channel statistics of the 50k training images (0..1 scale), for models trained from scratch;
 # pretrained backbones bring their own mean/std.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -47,11 +50,17 @@ _DOWNLOAD_TIMEOUT_S = 30.0
 
 
 def default_cache_dir() -> Path:
-    """Where downloads go: $CIFAR_TRANSFER_CACHE if set, else ~/.cache/cifar-transfer."""
+    """Where downloads and feature caches go: $CIFAR_TRANSFER_CACHE, else ~/.cache/cifar-transfer."""
     env = os.environ.get("CIFAR_TRANSFER_CACHE")
     if env:
         return Path(env).expanduser()
-    return Path.home() / ".cache" / "cifar-transfer"
+    home = os.path.expanduser("~")
+    if not os.path.isabs(home):
+        # No $HOME and no passwd entry (some containers): never a "~" folder in the current
+        # directory. Nothing can be created under /dev/null, so the feature cache warns and goes
+        # on without itself, and a download stops with a line naming CIFAR_TRANSFER_CACHE.
+        return Path(os.devnull) / "cifar-transfer"
+    return Path(home) / ".cache" / "cifar-transfer"
 
 
 def _has_train_batches(path: Path) -> bool:
@@ -78,8 +87,16 @@ def _bad_url_error(url: str, reason: object) -> UserError:
     )
 
 
-def _fetch(url: str, dest: BinaryIO) -> str:
-    """Stream `url` into `dest` and return the MD5 hex digest of what was written."""
+def _too_big_error(url: str, size: int) -> UserError:
+    return UserError(
+        f"the download from {url} is more than the {size:,} bytes of the official CIFAR-10 "
+        f"archive, so it is not that file: stopped; check the URL, or pass --data-dir DIR with an "
+        f"extracted {BATCHES_DIRNAME} folder"
+    )
+
+
+def _fetch(url: str, dest: BinaryIO, size: int) -> str:
+    """Stream `url` into `dest` (at most `size` bytes) and return the MD5 hex digest written."""
     try:
         response = urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S)
     except urllib.error.HTTPError as err:  # the server answered, so "offline" would mislead
@@ -99,6 +116,9 @@ def _fetch(url: str, dest: BinaryIO) -> str:
     digest = hashlib.md5()
     length = response.headers.get("Content-Length") if response.headers else None
     total = int(length) if length and length.isdigit() else None
+    if total is not None and total > size:
+        raise _too_big_error(url, size)
+    received = 0
     # disable=None: a progress bar on a terminal, silence in logs and tests.
     with (
         response,
@@ -106,18 +126,24 @@ def _fetch(url: str, dest: BinaryIO) -> str:
     ):
         while True:
             try:
-                chunk = response.read(1 << 20)
+                # One byte past `size` at most: enough to tell the file is not the archive.
+                chunk = response.read(min(1 << 20, size + 1 - received))
             except (OSError, http.client.HTTPException) as err:  # dropped connection, timeout
                 raise _offline_error(url, err) from err
             if not chunk:
                 break
+            received += len(chunk)
+            if received > size:
+                raise _too_big_error(url, size)
             digest.update(chunk)
             dest.write(chunk)
             bar.update(len(chunk))
     return digest.hexdigest()
 
 
-def download_cifar10(cache_dir: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> Path:
+def download_cifar10(
+    cache_dir: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5, size: int = CIFAR10_BYTES
+) -> Path:
     """Download the official archive, check its MD5, extract atomically; return its batches dir."""
     cache_dir = Path(cache_dir).expanduser()
     target = cache_dir / BATCHES_DIRNAME
@@ -139,7 +165,7 @@ def download_cifar10(cache_dir: Path, url: str = CIFAR10_URL, md5: str = CIFAR10
     try:  # finally below removes the temp file/dir on every exit, Ctrl-C included
         try:
             with os.fdopen(fd, "wb") as out:
-                actual = _fetch(url, out)
+                actual = _fetch(url, out, size)
         except OSError as err:  # only writes remain uncaught by _fetch: disk full, permissions
             raise UserError(
                 f"cannot write the CIFAR-10 download into {cache_dir} ({err}): free some space, "
@@ -204,16 +230,64 @@ def resolve_data_dir(data_dir: str | Path | None, cache_dir: Path | None = None)
     )
 
 
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """What `_codecs.encode` does in a pickle: Python 3 stores bytes at protocol <= 2 as latin1."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"bytes stored as {encoding!r}, not latin1")
+    return text.encode("latin1")
+
+
+def _batch_globals() -> dict[tuple[str, str], Any]:
+    """The only globals a CIFAR batch pickle names: numpy's array, dtype and scalar rebuilders."""
+    array = np.zeros(1, np.uint8)
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_bytes,
+    }  # fmt: skip
+    # Asked of numpy itself, not hard-coded, so any numpy version's names are right; the official
+    # files (numpy 1) say numpy.core.multiarray, numpy 2 writes numpy._core.multiarray.
+    rebuilders = (array.__reduce__()[0], array.__reduce_ex__(5)[0], np.int64(0).__reduce__()[0])
+    for func in rebuilders:
+        for module in (func.__module__.replace("numpy._core", "numpy.core"),
+                       func.__module__.replace("numpy.core", "numpy._core")):  # fmt: skip
+            allowed[(module, func.__name__)] = func
+    return allowed
+
+
+_BATCH_GLOBALS = _batch_globals()
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR batch: arrays, lists, dicts, strings, numbers; any other global refused.
+
+    A plain pickle.load runs whatever the file names (os.system, exec ...) before any check could
+    look at the result, and a data folder or a run dir's data_dir may come from anyone.
+    """
+
+    def __init__(self, file: BinaryIO, path: Path, fix: str) -> None:
+        super().__init__(file, encoding="latin1")  # Python 2 byte-string keys -> str
+        self.path, self.fix = path, fix
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _BATCH_GLOBALS.get((module, name))
+        if found is None:
+            raise UserError(
+                f"{self.path} holds {module}.{name}, which a CIFAR-10 batch never does (only numpy "
+                f"arrays, lists, dicts, strings, numbers): refused without running it; {self.fix}"
+            )
+        return found
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read and check one batch file: (data uint8 (N,3072), labels int64 (N,))."""
     fix = f"re-download CIFAR-10 or pass --data-dir with an intact {BATCHES_DIRNAME} folder"
     try:
         with path.open("rb") as f:
-            # The official format is a pickle, so unpickling is unavoidable; these are data files
-            # the user chose. latin1 maps the Python 2 byte-string keys to str.
-            entry = pickle.load(f, encoding="latin1")
+            entry = _BatchUnpickler(f, path, fix).load()
     except OSError as err:
         raise UserError(f"cannot read {path} ({err}): check its permissions, or {fix}") from err
+    except UserError:
+        raise
     except Exception as err:  # a damaged pickle fails in many ways; all of them mean "corrupt"
         raise UserError(
             f"{path} is truncated or corrupt ({type(err).__name__}: {err}): {fix}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +14,11 @@ from tqdm import tqdm
 
 from cifar_transfer.checkpoint import save_safetensors
 from cifar_transfer.data import to_model_input
+from cifar_transfer.errors import UserError
 from cifar_transfer.hardware import autocast
+
+# Cache folders a write failed in (read-only, under a file, full): said once per process, not retried.
+_UNWRITABLE: set[Path] = set()
 
 
 def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
@@ -110,7 +115,8 @@ def cached_features(
         try:
             feats = load_file(path)["features"]
         except Exception as e:  # noqa: BLE001 - a bad cache file is re-made, never trusted
-            print(f"feature cache {path} unreadable ({type(e).__name__}): extracting again")
+            print(f"note: feature cache {path} unreadable ({type(e).__name__}): extracting again",
+                  file=sys.stderr)  # fmt: skip
         else:
             if len(feats) == len(images):
                 return feats.to(images.device), time.perf_counter() - t0
@@ -119,5 +125,22 @@ def cached_features(
         model, images, resolution, batch_size, precision, channels_last, desc, compile_model,
         progress,
     )  # fmt: skip
-    save_safetensors(path, {"features": feats}, {"key": key})
+    _store(path, feats, key)
     return feats, time.perf_counter() - t0
+
+
+def _store(path: Path, feats: torch.Tensor, key: str) -> None:
+    """Save features to the cache; a cache that cannot be written is a warning, not a failed run."""
+    if path.parent in _UNWRITABLE:
+        return
+    try:
+        save_safetensors(path, {"features": feats}, {"key": key})
+    except (OSError, UserError) as e:  # UserError: atomic_write's "disk full", cause attached
+        cause = e.__cause__ if isinstance(e, UserError) and e.__cause__ else e
+        _UNWRITABLE.add(path.parent)
+        print(
+            f"warning: cannot write the feature cache in {path.parent} "
+            f"({getattr(cause, 'strerror', None) or cause}): going on without it; set "
+            f"CIFAR_TRANSFER_CACHE to a writable folder to reuse features across runs",
+            file=sys.stderr,
+        )

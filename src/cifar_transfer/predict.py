@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import glob
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cifar_transfer.errors import UserError
 from cifar_transfer.evaluate import predict_logits
@@ -22,6 +23,22 @@ if TYPE_CHECKING:
 GLOB_CHARS = frozenset("*?[")
 IMAGE_FIX = "pass PNG/JPEG/BMP/GIF/TIFF/WebP image files"
 NO_IMAGES = "folder holds no images: pass a folder of images or a glob such as 'photos/*.jpg'"
+# A 22 KB PNG can declare 14000x13000 pixels; decoding it (x3 for RGB) could take the machine's
+# memory. PIL only warns above its default limit (89 Mpx) and refuses above twice that, so we set
+# the limit and refuse anything over it. 2**27 (134 Mpx) is above the largest common camera
+# photos (~100 Mpx medium format, 108 Mpx phones); a 32x32 prediction needs nothing bigger.
+MAX_IMAGE_PIXELS = 2**27
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+TOO_BIG = (
+    f"more than {MAX_IMAGE_PIXELS:,} pixels, too many to decode (a decompression bomb?): "
+    f"downscale it first"
+)
+# Files decoded before their results are printed: a huge glob shows progress, and memory stays
+# bounded (a decoded image is 3 KB). The forward batch is --batch-size, within each read batch.
+READ_BATCH = 256
+# JPEGs decode at 1/2, 1/4 or 1/8 size (in the DCT, nearly free) down to no less than this: the
+# resize below box-reduces to 3x the 32 px output first (reducing_gap=3) anyway.
+_DRAFT_SIZE = 3 * 32
 
 
 @dataclass
@@ -128,80 +145,107 @@ def _image_suffixes() -> frozenset[str]:
     return frozenset(ext.lower() for ext in Image.registered_extensions())
 
 
-def expand_inputs(args: Sequence[str]) -> list[Prediction]:
-    """Files as given, folders as their images (sorted, not recursive), globs expanded (sorted).
+def _glob(pattern: str) -> Iterator[str]:
+    """Files matching `pattern` as they are found; '**' spans folders but never symlinked ones.
 
-    A folder without images or a glob matching nothing becomes one entry with an error.
+    glob.iglob follows symlinks under '**': a link to a parent folder repeats the tree until
+    the paths grow too long (and two such links never end). pathlib's '**' does not follow them.
     """
-    out: list[Prediction] = []
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if GLOB_CHARS & set(part))
+    for path in Path(*parts[:first]).glob(str(Path(*parts[first:]))):
+        if path.is_file():
+            yield str(path)
+
+
+def expand_inputs(args: Sequence[str]) -> Iterator[Prediction]:
+    """Files as given, folders as their images (sorted, not recursive), globs in the order found.
+
+    Lazy, so predictions start before a huge glob is listed. A folder without images or a glob
+    matching nothing becomes one entry with an error.
+    """
     for arg in args:
         path = Path(arg)
         if path.is_dir():
             suffixes = _image_suffixes()
             found = sorted(
-                str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes
+                str(p) for p in path.iterdir() if p.suffix.lower() in suffixes and p.is_file()
             )
-            out += [Prediction(p) for p in found] or [Prediction(arg, error=NO_IMAGES)]
+            yield from [Prediction(p) for p in found] or [Prediction(arg, error=NO_IMAGES)]
         elif not path.exists() and GLOB_CHARS & set(arg):
-            found = sorted(p for p in glob.glob(arg, recursive=True) if Path(p).is_file())
-            out += [Prediction(p) for p in found] or [Prediction(arg, error="matches no files")]
+            matched = False
+            for found_path in _glob(arg):
+                matched = True
+                yield Prediction(found_path)
+            if not matched:
+                yield Prediction(arg, error="matches no files")
         else:
-            out.append(Prediction(arg))
-    return out
+            yield Prediction(arg)
 
 
 def read_image(path: Path) -> torch.Tensor:
     """Any image PIL reads -> uint8 (3, 32, 32), downscaled the way CIFAR-10 images were made."""
-    with Image.open(path) as img:
-        img = img.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC, reducing_gap=3.0)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    with warnings.catch_warnings():
+        # Between MAX_IMAGE_PIXELS and twice that PIL only warns: refuse those images too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.draft("RGB", (_DRAFT_SIZE, _DRAFT_SIZE))  # JPEG only; others decode as they are
+            img = img.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def _read(pred: Prediction) -> torch.Tensor | None:
-    """The image of one entry, or None with the entry's error set."""
+    """The image of one entry, or None with the entry's error set: one bad file stops nothing."""
     try:
         return read_image(Path(pred.path))
     except FileNotFoundError:
         pred.error = "no such file"
     except IsADirectoryError:
         pred.error = "is a folder, not an image"
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        pred.error = TOO_BIG
+    except MemoryError:
+        pred.error = "too large to decode in the memory left: downscale it first"
+    except Exception as e:  # noqa: BLE001 - damaged files make PIL raise OSError, SyntaxError, struct.error ...
         pred.error = f"not a readable image (PIL: {type(e).__name__}): {IMAGE_FIX}"
     return None
 
 
-def _chunks(items: list[Prediction], size: int) -> Iterator[list[Prediction]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _predict_batches(
+    predictor: Predictor, entries: Iterator[Prediction], k: int, batch_size: int
+) -> Iterator[list[Prediction]]:
+    read_batch = max(READ_BATCH, batch_size)
+    while chunk := list(islice(entries, read_batch)):
+        ok = [(pred, img) for pred in chunk if not pred.error and (img := _read(pred)) is not None]
+        for start in range(0, len(ok), batch_size):
+            part = ok[start : start + batch_size]
+            probs = predictor.logits(torch.stack([img for _, img in part])).softmax(1)
+            values, indices = probs.topk(k, dim=1)
+            for row, (pred, _) in enumerate(part):
+                pred.top = [
+                    (predictor.classes[int(c)], float(v)) for v, c in zip(values[row], indices[row])
+                ]
+        yield chunk
+
+
+def iter_predictions(
+    predictor: Predictor, inputs: Sequence[str], top_k: int = 3, batch_size: int = 64
+) -> Iterator[list[Prediction]]:
+    """Predictions in input order, READ_BATCH files at a time, each list as soon as it is done.
+
+    Files are decoded a read batch at a time and forwarded `batch_size` at a time, so neither a
+    huge folder nor a huge glob ever sits in memory. Unreadable files carry their own error.
+    """
+    if top_k < 1:
+        raise UserError(f"--top {top_k} must be at least 1")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1")
+    k = min(top_k, len(predictor.classes))
+    return _predict_batches(predictor, expand_inputs(inputs), k, batch_size)
 
 
 def predict_paths(
     predictor: Predictor, inputs: Sequence[str], top_k: int = 3, batch_size: int = 64
 ) -> list[Prediction]:
-    """Predict every readable image, `batch_size` at a time (so a big folder never sits in memory)."""
-    if top_k < 1:
-        raise UserError(f"--top {top_k} must be at least 1")
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size} must be at least 1")
-    results = expand_inputs(inputs)
-    todo = [r for r in results if not r.error]
-    k = min(top_k, len(predictor.classes))
-    for chunk in _chunks(todo, batch_size):
-        read = [(pred, _read(pred)) for pred in chunk]
-        ok = [(pred, img) for pred, img in read if img is not None]
-        if not ok:
-            continue
-        probs = predictor.logits(torch.stack([img for _, img in ok])).softmax(1)
-        values, indices = probs.topk(k, dim=1)
-        for row, (pred, _) in enumerate(ok):
-            pred.top = [
-                (predictor.classes[int(c)], float(v)) for v, c in zip(values[row], indices[row])
-            ]
-    return results
-
-
-def predict_images(
-    model: torch.nn.Module, meta: dict, paths: list[str], top_k: int = 3, batch_size: int = 64
-) -> list[Prediction]:
-    """Predict image files with a loaded bundle; unreadable ones get their own error."""
-    return predict_paths(TorchPredictor(model, meta), paths, top_k, batch_size)
+    """Every prediction of iter_predictions in one list."""
+    return [pred for batch in iter_predictions(predictor, inputs, top_k, batch_size) for pred in batch]

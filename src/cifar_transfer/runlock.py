@@ -8,8 +8,10 @@ next `--resume` simply takes it. The file's text (pid and host) only serves the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
+import stat
 import sys
 from pathlib import Path
 
@@ -21,6 +23,9 @@ except ImportError:  # Windows: no flock; runs there are not protected against a
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".lock"
+# O_NOFOLLOW: a .lock planted as a symlink would have its target truncated and overwritten (or
+# created) with our pid. O_NONBLOCK: a planted FIFO must not hang the open.
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 class RunLock:
@@ -48,19 +53,39 @@ def _holder(fd: int) -> str:
     return "another process"
 
 
+def _not_a_lock_file(path: Path, what: str) -> UserError:
+    return UserError(
+        f"{path} is {what}, not a lock file a run could have written: delete it (see what it "
+        f"points at first), or choose another --out"
+    )
+
+
+def _open_lock_file(path: Path, run_dir: Path) -> int:
+    """The lock file opened for writing; a symlink or anything but a regular file is refused."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS, 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK) or path.is_symlink():  # EMLINK: BSD's ELOOP
+            raise _not_a_lock_file(path, "a symbolic link") from None
+        if e.errno == errno.EISDIR:
+            raise _not_a_lock_file(path, "a folder (not a regular file)") from None
+        raise UserError(
+            f"cannot write in run dir {run_dir} ({e.strerror}): make it writable, or choose "
+            f"another --out"
+        ) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _not_a_lock_file(path, "not a regular file (a FIFO, socket or device)")
+    return fd
+
+
 def acquire(run_dir: Path) -> RunLock:
     """Lock `run_dir` for this process or raise a UserError naming the process that holds it."""
     path = Path(run_dir) / LOCK_NAME
     if fcntl is None:
         return RunLock(path, None)
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise UserError(
-                f"cannot write in run dir {run_dir} ({e.strerror}): make it writable, or choose "
-                f"another --out"
-            ) from None
+        fd = _open_lock_file(path, run_dir)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
