@@ -160,6 +160,7 @@ class TrainState:
     """What last.pt holds: everything a run needs to go on bit-exactly after its last epoch."""
 
     model: dict[str, torch.Tensor]
+    data: str  # fingerprint of the training split's images and labels (train.Data)
     generator: torch.Tensor  # the shuffling/augmentation generator
     torch_rng: torch.Tensor
     cuda_rng: list[torch.Tensor]  # one state per visible GPU; [] on a CPU

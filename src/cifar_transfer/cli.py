@@ -33,13 +33,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cifar_transfer.config import apply_overrides, load_recipe
 
     if args.resume:
-        if args.recipe or args.overrides or args.data_dir or args.weights or args.tensorboard:
+        if args.recipe or args.overrides or args.weights or args.tensorboard:
             raise UserError(
                 "--resume continues a run with its saved config: drop "
-                "--recipe/--set/--data-dir/--weights/--tensorboard"
+                "--recipe/--set/--weights/--tensorboard (--data-dir is allowed: where the run's "
+                "images are now)"
             )
         out = args.run_out = Path(args.resume)
-        summary = train.resume(out, progress=not args.quiet)
+        summary = train.resume(out, progress=not args.quiet, data_dir=args.data_dir)
     else:
         cfg = load_recipe(args.recipe or "default")
         overrides = list(args.overrides)

@@ -102,7 +102,7 @@ class Config:
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "run": RunConfig}
 
 
-def valid_keys(n_phases: int = 1) -> list[str]:
+def valid_keys() -> list[str]:
     """Every key --set accepts, phase keys shown for phase 0 and all phases."""
     keys = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)]
     keys += [f"phases.N.{f.name}" for f in fields(PhaseConfig)]
@@ -348,7 +348,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         types = {f.name: f.type for f in fields(targets[0])} if targets else {}
         if fname not in types:
             raise UserError(
-                f"unknown config key {key!r}: valid keys are " + ", ".join(valid_keys(len(cfg.phases)))
+                f"unknown config key {key!r}: valid keys are " + ", ".join(valid_keys())
             )
         for t in targets:
             setattr(t, fname, _coerce(value, _TYPES[types[fname]], key))

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cifar_transfer.config import AUGMENTS
 from cifar_transfer.errors import UserError
 
 CLASSES: tuple[str, ...] = (
@@ -39,7 +40,6 @@ CIFAR10_BYTES = 170_498_071
 # pretrained backbones bring their own mean/std.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
-AUGMENT_MODES: tuple[str, ...] = ("none", "flip", "crop-flip")
 
 BATCHES_DIRNAME = "cifar-10-batches-py"
 _TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -445,8 +445,8 @@ def _reflect_positions(size: int, pad: int, device: torch.device | None = None) 
 
 def augment(images: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
     """Batched augmentation of (B,3,H,W) images on their own device: none, flip, crop-flip."""
-    if mode not in AUGMENT_MODES:
-        raise ValueError(f"unknown augmentation {mode!r}: use one of {', '.join(AUGMENT_MODES)}")
+    if mode not in AUGMENTS:
+        raise ValueError(f"unknown augmentation {mode!r}: use one of {', '.join(AUGMENTS)}")
     if images.ndim != 4:
         raise ValueError(f"augment expects (B,C,H,W) images, got shape {tuple(images.shape)}")
     if mode == "none":

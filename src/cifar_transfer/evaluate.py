@@ -23,13 +23,12 @@ def predict_logits(
     precision: str,
     channels_last: bool = True,
     tta: bool = False,
-    features_only: bool = False,
 ) -> torch.Tensor:
     """Run the model in eval mode over uint8 images already on its device; float32 logits on CPU."""
     was_training = model.training
     model.eval()
     device = images.device
-    forward = model.forward_features if features_only else model.forward
+    forward = model.forward
     out = []
     for start in range(0, len(images), batch_size):
         x = to_model_input(images[start : start + batch_size], resolution, mean, std, channels_last)

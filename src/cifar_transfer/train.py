@@ -45,11 +45,13 @@ class Data:
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+    fingerprint: str  # of every image and label read: a resumed run checks it is the same data
 
 
 def load_data(cfg: Config, device: torch.device) -> Data:
     """Read CIFAR-10's training split, split off validation, cap training images, move to device."""
     x, y = load_split(resolve_data_dir(cfg.data.data_dir or None), "train")
+    print_ = fingerprint(x, y)
     if cfg.data.val_size >= len(y):
         raise UserError(
             f"bad value for data.val_size: {cfg.data.val_size} leaves no training images "
@@ -58,7 +60,7 @@ def load_data(cfg: Config, device: torch.device) -> Data:
     train_idx, val_idx = stratified_split(y, cfg.data.val_size, cfg.data.seed)
     if cfg.data.train_limit:
         train_idx = stratified_subset(train_idx, y, cfg.data.train_limit, cfg.data.seed)
-    return Data(*(t.to(device) for t in (x[train_idx], y[train_idx], x[val_idx], y[val_idx])))
+    return Data(*(t.to(device) for t in (x[train_idx], y[train_idx], x[val_idx], y[val_idx])), print_)
 
 
 def check_batch_sizes(cfg: Config, world: int) -> None:
@@ -92,6 +94,11 @@ class Run:
         self.state = TrainState.load(self.out / rundir.LAST, signature(cfg)) if resume else None
         torch.manual_seed(cfg.run.seed)
         self.data = load_data(cfg, self.device)
+        if self.state is not None and self.state.data != self.data.fingerprint:
+            raise UserError(
+                f"the images in {cfg.data.data_dir or 'the download cache'} are not the images "
+                f"this run trained on: pass --data-dir with the cifar-10-batches-py folder it used"
+            )
         # Resuming needs no weights source: the checkpoint holds every weight.
         weights = "none" if self.state is not None else cfg.model.weights
         self.model = create_model(cfg.model.backbone, weights, cfg.model.head).to(self.device)
@@ -140,7 +147,8 @@ class Run:
             return
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         TrainState(
-            self.model.state_dict(), self.gen.get_state(), torch.get_rng_state(), cuda_rng,
+            self.model.state_dict(), self.data.fingerprint, self.gen.get_state(),
+            torch.get_rng_state(), cuda_rng,
             plan.index, phase_epoch, done, stale, self.log.epochs, self.log.best, self.last,
             optimizer.state_dict() if optimizer is not None else None,
             scheduler.state_dict() if scheduler is not None else None,
@@ -338,16 +346,22 @@ def train(
         return summary
 
 
-def resume(out: Path, progress: bool = True) -> dict:
+def resume(out: Path, progress: bool = True, data_dir: str | None = None) -> dict:
     """Continue the run in `out` from its last checkpoint, to the same result as an unbroken run.
 
-    The checkpoint holds no per-rank state, so a run may resume under another number of processes.
+    The checkpoint holds every weight (no weights source is needed) and no per-rank state, so a
+    run may resume offline and under another number of processes. `data_dir` is where the run's
+    images are now, if they moved: checked against the checkpoint's fingerprint of them.
     """
     out = Path(out)
     cfg = rundir.load_run_config(out)
+    if data_dir:
+        cfg.data.data_dir = str(Path(data_dir).expanduser().resolve())
     with distributed.process_group(hardware.pick_device(cfg.run.device)), _holding(out, new=False):
         # A run killed before its first checkpoint starts over in its own dir.
         run = Run(cfg, out, resume=(out / rundir.LAST).is_file(), progress=progress)
+        if data_dir and run.main:  # the same images, found elsewhere: remember where
+            atomic_write_text(out / rundir.CONFIG, to_toml(cfg))
         summary = run.fit()
         del run  # its DDP wrapper must go before the process group (see process_group)
         return summary
