@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -287,3 +288,24 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
 def test_debug_shows_the_traceback_instead_of_one_line(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         main(["--debug", *train_argv(tmp_path / "run", "--data-dir", str(tmp_path / "nope"))])
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        ({"classes": None}, "'classes'"),
+        ({"resolution": 0}, "resolution 0"),
+        ({"mean": [0.5, 0.5, 0.5, 0.5]}, "expected 3 numbers"),
+        ({"std": [0.5, 0.0, 0.5]}, "positive"),
+        ({"backbone": ""}, "'backbone'"),
+    ],
+    ids=["no-classes", "resolution-0", "four-means", "zero-std", "no-backbone"],
+)
+def test_a_hand_edited_model_json_is_one_line(edit, fragment, tiny_run, tmp_path, capsys):
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    meta = json.loads((run / "model.json").read_text())
+    meta.update(edit)
+    (run / "model.json").write_text(json.dumps(meta))
+    for argv in (["evaluate", str(run)], ["predict", str(run), str(run / "x.png")]):
+        assert main(argv) == 2
+        error_line(capsys, "model.json", fragment, "restore the file")

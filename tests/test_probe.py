@@ -124,3 +124,18 @@ def test_a_resumed_run_reports_the_probe_penalty_it_kept_not_the_last_one_swept(
     assert resumed["val_acc"] == whole["val_acc"]
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "broken"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_probe_that_diverges_is_one_line_not_a_nan_model(cifar_dir, tmp_path, monkeypatch, capsys):
+    real = probe.sweep
+
+    def nan_sweep(*args, **kwargs):
+        for fit in real(*args, **kwargs):
+            fit.weight[0, 0] = float("nan")
+            yield fit
+
+    monkeypatch.setattr(probe, "sweep", nan_sweep)
+    cfg = tiny_probe(cifar_dir)
+    with pytest.raises(UserError, match=r"probe of phase .* diverged at l2 0.1 \(non-finite weights\)"):
+        train_mod.train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "model.safetensors").exists()

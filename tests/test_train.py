@@ -77,17 +77,17 @@ def test_a_phase_runs_at_its_own_precision(cifar_dir, tmp_path, monkeypatch):
     # bf16 features for the frozen phase, fp32 training after it: what each step actually ran at.
     cfg = two_phase(cifar_dir, "run.precision=fp32", "phases.0.precision=bf16", "phases.1.epochs=1")
     extracted, trained = [], []
-    real_cached, real_autocast = train_mod.cached_features, train_mod.hardware.autocast
+    real_extract, real_autocast = train_mod.extract_features, train_mod.hardware.autocast
 
-    def spy_cached(folder, key, model, x, res, batch_size, precision, *args, **kwargs):
-        extracted.append(precision)
-        return real_cached(folder, key, model, x, res, batch_size, precision, *args, **kwargs)
+    def spy_extract(model, images, **kwargs):
+        extracted.append(kwargs["precision"])
+        return real_extract(model, images, **kwargs)
 
     def spy_autocast(device, precision):
         trained.append(precision)
         return real_autocast(device, precision)
 
-    monkeypatch.setattr(train_mod, "cached_features", spy_cached)
+    monkeypatch.setattr(train_mod, "extract_features", spy_extract)
     monkeypatch.setattr(train_mod.hardware, "autocast", spy_autocast)
     train_mod.train(cfg, tmp_path / "run", progress=False)
     assert extracted == ["bf16", "bf16"]  # train and val features of phase 0

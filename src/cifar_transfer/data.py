@@ -73,26 +73,27 @@ def _looks_like_batches_dir(path: Path) -> bool:
     return any((path / name).is_file() for name in (*_TRAIN_FILES, _TEST_FILE))
 
 
+_NO_DOWNLOAD_FIX = f"pass --data-dir DIR with an extracted {BATCHES_DIRNAME} folder"
+
+
+def _download_error(url: str, what: str) -> UserError:
+    """One line for a download that cannot go on: what happened, and the offline fix."""
+    return UserError(f"cannot download CIFAR-10 from {url} ({what}); {_NO_DOWNLOAD_FIX}")
+
+
 def _offline_error(url: str, reason: object) -> UserError:
-    return UserError(
-        f"cannot download CIFAR-10 from {url} ({reason}): you seem to be offline; "
-        f"pass --data-dir DIR with an extracted {BATCHES_DIRNAME} folder"
-    )
+    return _download_error(url, f"{reason}: you seem to be offline")
 
 
 def _bad_url_error(url: str, reason: object) -> UserError:
-    return UserError(
-        f"cannot download CIFAR-10 from {url!r} ({reason}): not a valid URL; "
-        f"pass --data-dir DIR with an extracted {BATCHES_DIRNAME} folder"
-    )
+    return _download_error(url, f"{reason}: not a valid URL")
 
 
 def _too_big_error(url: str, size: int) -> UserError:
-    return UserError(
-        f"the download from {url} is more than the {size:,} bytes of the official CIFAR-10 "
-        f"archive, so it is not that file: stopped; check the URL, or pass --data-dir DIR with an "
-        f"extracted {BATCHES_DIRNAME} folder"
-    )
+    return _download_error(
+        url, f"more than the {size:,} bytes of the official archive, so not that file: stopped; "
+        "check the URL",
+    )  # fmt: skip
 
 
 def _fetch(url: str, dest: BinaryIO, size: int) -> str:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ def cache_key(backbone: str, weights: str, head: str, resolution: int, precision
     return f"{safe}-{weights_id(weights)}-{kind}-r{resolution}-{precision}-{data_fp}"
 
 
-def should_compile(setting: str, n_images: int, device: torch.device) -> bool:
+def should_compile(setting: str, n_images: int) -> bool:
     """'auto' compiles when the images repay inductor's ~45 s compile (measured 2x on CPU, BENCHMARKS.md)."""
     if setting == "auto":
         return n_images >= 4096
@@ -96,19 +97,10 @@ def extract_features(
 
 
 def cached_features(
-    cache_dir: Path,
-    key: str,
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    resolution: int,
-    batch_size: int,
-    precision: str,
-    channels_last: bool = True,
-    desc: str = "features",
-    compile_setting: str = "auto",
-    progress: bool = True,
+    cache_dir: Path, key: str, images: torch.Tensor,
+    extract: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, float]:
-    """Load features from the cache or extract and store them; returns (features, seconds spent)."""
+    """Load features from the cache or `extract(images)` and store them; (features, seconds)."""
     path = Path(cache_dir) / f"{key}.safetensors"
     t0 = time.perf_counter()
     if path.is_file():
@@ -120,11 +112,7 @@ def cached_features(
         else:
             if len(feats) == len(images):
                 return feats.to(images.device), time.perf_counter() - t0
-    compile_model = should_compile(compile_setting, len(images), images.device)
-    feats = extract_features(
-        model, images, resolution, batch_size, precision, channels_last, desc, compile_model,
-        progress,
-    )  # fmt: skip
+    feats = extract(images)
     _store(path, feats, key)
     return feats, time.perf_counter() - t0
 

@@ -9,6 +9,7 @@ layout is rundir.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,13 @@ from cifar_transfer.data import (
     stratified_subset,
 )
 from cifar_transfer.errors import UserError
-from cifar_transfer.features import cache_key, cached_features, fingerprint
+from cifar_transfer.features import (
+    cache_key,
+    cached_features,
+    extract_features,
+    fingerprint,
+    should_compile,
+)
 from cifar_transfer.loop import Diverged, PhaseInputs, train_one_epoch, validate
 from cifar_transfer.models import apply_freeze, create_model
 from cifar_transfer.optim import make_optimizer, make_scheduler
@@ -297,12 +304,14 @@ def frozen_features(
                 cfg.model.backbone, cfg.model.weights, cfg.model.head, plan.resolution,
                 plan.precision, fingerprint(x, y),
             )  # fmt: skip
-            feats, s = cached_features(
-                default_cache_dir() / "features", key, run.model, x, plan.resolution,
-                cfg.run.eval_batch_size, plan.precision, cfg.run.channels_last,
-                desc=f"{name} features", compile_setting=cfg.run.compile_features,
+            extract = functools.partial(
+                extract_features, run.model, resolution=plan.resolution,
+                batch_size=cfg.run.eval_batch_size, precision=plan.precision,
+                channels_last=cfg.run.channels_last, desc=f"{name} features",
+                compile_model=should_compile(cfg.run.compile_features, len(x)),
                 progress=run.log.console,
             )  # fmt: skip
+            feats, s = cached_features(default_cache_dir() / "features", key, x, extract)
             out.append(feats)
             seconds += s
     if plan.phase.cached_flips:
