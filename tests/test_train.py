@@ -88,6 +88,7 @@ def test_a_phase_runs_at_its_own_precision(cifar_dir, tmp_path, monkeypatch):
         return real_autocast(device, precision)
 
     monkeypatch.setattr(train_mod, "extract_features", spy_extract)
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))  # extract, not reuse
     monkeypatch.setattr(train_mod.hardware, "autocast", spy_autocast)
     train_mod.train(cfg, tmp_path / "run", progress=False)
     assert extracted == ["bf16", "bf16"]  # train and val features of phase 0
