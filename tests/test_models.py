@@ -214,6 +214,23 @@ def test_unfreezing_in_a_later_phase_returns_batchnorm_to_training() -> None:
     assert model.frozen_batchnorm == ()
 
 
+def test_batchnorm_eval_trains_every_weight_but_keeps_the_imagenet_statistics() -> None:
+    """phases.N.batchnorm = "eval": Keras' fine-tuning advice (BatchNorm in inference mode)."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", "none", "linear")
+    apply_freeze(model, "none", "eval")
+    before = snapshot(model)
+    sgd_steps(model)
+    after = snapshot(model)
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith(stats))
+    assert not torch.equal(before["backbone.conv1.weight"], after["backbone.conv1.weight"])
+    assert not torch.equal(before["backbone.bn1.weight"], after["backbone.bn1.weight"])
+    assert not model.backbone.layer4[1].bn2.training and model.backbone.layer4[1].conv2.training
+    apply_freeze(model, "none")  # the default again: BatchNorm trains
+    assert model.backbone.layer4[1].bn2.training
+
+
 def test_from_layer_100_matches_keras_resnet50() -> None:
     model = create_model("resnet50", "none", "linear")
     layers = keras_resnet_layers(model)

@@ -19,6 +19,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "lbfgs")
 SCHEDULES = ("constant", "cosine", "onecycle")
 AUGMENTS = ("none", "flip", "crop-flip")
 PRECISIONS = ("auto", "bf16", "fp32")
+BATCHNORM_MODES = ("train", "eval")
 HEADS = ("linear", "mlp", "imagenet-top")
 FREEZE_FORMS = "none | all | until:<stage> | from-layer:<N>"
 
@@ -64,6 +65,10 @@ class PhaseConfig:
     # "" = run.precision; else auto | bf16 | fp32 for this phase's extraction, training and
     # validation (e.g. bf16 feature extraction, then fp32 fine-tuning where that trains faster).
     precision: str = ""
+    # "train": unfrozen BatchNorm uses batch statistics and updates its running ones (PyTorch's
+    # default); "eval": every backbone BatchNorm keeps its ImageNet statistics (Keras' advice for
+    # fine-tuning; needed at 32 px, where the deep layers see 1x1 maps).
+    batchnorm: str = "train"
 
     def uses_cache(self, feature_cache: bool) -> bool:
         """A frozen backbone seeing unaugmented images computes the same features every epoch,
@@ -269,6 +274,10 @@ def validate(cfg: Config) -> None:
             p.precision in ("",) + PRECISIONS,
             f"bad value for {k}.precision: {p.precision!r} (\"\" = run.precision, or one of "
             f"{', '.join(PRECISIONS)})",
+        )
+        _check(
+            p.batchnorm in BATCHNORM_MODES,
+            f"bad value for {k}.batchnorm: {p.batchnorm!r} (choose one of {', '.join(BATCHNORM_MODES)})",
         )
         _check(p.early_stop_patience >= 0, f"bad value for {k}.early_stop_patience (>= 0)")
         _check(

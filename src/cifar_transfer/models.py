@@ -139,8 +139,14 @@ def _frozen_modules(model: TransferModel, freeze: str) -> list[nn.Module]:
     )
 
 
-def apply_freeze(model: TransferModel, freeze: str) -> None:
-    """Freeze what `freeze` says (everything else trainable); frozen BatchNorm stays in eval."""
+def apply_freeze(model: TransferModel, freeze: str, batchnorm: str = "train") -> None:
+    """Freeze what `freeze` says (everything else trainable); frozen BatchNorm stays in eval.
+
+    batchnorm="eval" keeps every BatchNorm of the backbone in eval mode (its running statistics
+    fixed, its scale and shift still trained where not frozen): Keras' advice for fine-tuning
+    (`base_model(x, training=False)`), and what a small input needs, where the deep layers'
+    batch statistics over 1x1 or 2x2 maps are far from the ImageNet ones the weights expect.
+    """
     freeze = str(freeze).strip()
     frozen = _frozen_modules(model, freeze)
     # Start from all-trainable so phases can call this again to unfreeze.
@@ -153,6 +159,8 @@ def apply_freeze(model: TransferModel, freeze: str) -> None:
         frozen_ids.update(id(m) for m in module.modules())
     # A frozen BatchNorm in train mode would still rewrite running_mean/var from CIFAR batches
     # (and normalise with batch statistics), silently changing the "frozen" features.
+    if batchnorm == "eval":
+        frozen_ids.update(id(m) for m in model.backbone.modules())
     model._frozen_bn = tuple(
         name for name, m in model.named_modules()
         if id(m) in frozen_ids and isinstance(m, _BatchNorm)

@@ -188,7 +188,7 @@ class Run:
 
     def run_plan(self, plan: PhasePlan, resume: TrainState | None = None) -> None:
         """Freeze what the phase says, then run it by its kind (L-BFGS probe or gradient steps)."""
-        apply_freeze(self.model, plan.phase.freeze)
+        apply_freeze(self.model, plan.phase.freeze, plan.phase.batchnorm)
         if plan.phase.optimizer == "lbfgs":
             probe.run_probe_phase(self, plan, self.inputs(plan))
         else:
