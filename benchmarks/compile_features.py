@@ -4,7 +4,7 @@
         [--precision fp32|bf16]
 
 Random-init weights (speed does not depend on their values), synthetic uint8 images, the same
-resize + normalize path as training (data.to_model_input). Not run by the tests.
+resize + normalize path as training (transforms.to_model_input). Not run by the tests.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ resolution, same optimizer (SGD momentum), every layer trained, real CIFAR-10 im
   `ToTensor`, `Normalize`, a `DataLoader` with 2 workers, fp32, NCHW (what the write-ups'
   Keras and most PyTorch tutorials do);
 - ours: the uint8 images resident on the device as one tensor, random crop + flip and the
-  resize to 224 done batched on the device (`data.augment`, `data.to_model_input`), bf16
+  resize to 224 done batched on the device (`transforms.augment`, `transforms.to_model_input`), bf16
   autocast where the hardware runs it fast (`hardware.pick_precision("auto")`), channels_last,
   and glibc malloc keeping freed memory (`allocator.keep_freed_memory()`, as the `cifar-transfer`
   command does at start). The tutorial runs first, before that setting, as a plain script would.
@@ -38,9 +38,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from cifar_transfer import allocator, hardware
-from cifar_transfer.data import augment, load_split, resolve_data_dir, to_model_input
+from cifar_transfer.data import load_split, resolve_data_dir
 from cifar_transfer.features import extract_features
 from cifar_transfer.models import apply_freeze, create_model
+from cifar_transfer.transforms import augment, to_model_input
 
 
 class PILCifar(Dataset):

@@ -20,17 +20,15 @@ from cifar_transfer.data import (
     CIFAR_MEAN,
     CIFAR_STD,
     CLASSES,
-    augment,
-    batch_indices,
     default_cache_dir,
     download_cifar10,
     load_split,
     resolve_data_dir,
     stratified_split,
     stratified_subset,
-    to_model_input,
 )
 from cifar_transfer.errors import UserError
+from cifar_transfer.transforms import augment, batch_indices, to_model_input
 
 PER_BATCH = 50
 REAL_DIR = Path(__file__).resolve().parents[1].parent / "shared/cifar10/cifar-10-batches-py"

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from cifar_transfer import hardware
-from cifar_transfer.data import augment, batch_indices, to_model_input
 from cifar_transfer.models import create_model
+from cifar_transfer.transforms import augment, batch_indices, to_model_input
 
 
 @dataclass

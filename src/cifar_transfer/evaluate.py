@@ -8,8 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cifar_transfer.data import CLASSES, to_model_input
+from cifar_transfer.data import CLASSES
 from cifar_transfer.hardware import autocast
+from cifar_transfer.transforms import to_model_input
 
 
 @torch.inference_mode()

@@ -50,7 +50,7 @@ class RawImageModel(nn.Module):
         self.model = model
         self.resolution = int(resolution)
         self.resize = self.resolution != 32  # the input is CIFAR-sized by contract
-        # Same arithmetic and order as data.to_model_input (normalize, then bilinear resize), so
+        # Same arithmetic and order as transforms.to_model_input (normalize, then bilinear resize), so
         # the exported graph reproduces the training-time input bit for bit where it can.
         self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
         self.register_buffer("scale", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from cifar_transfer.checkpoint import save_safetensors
-from cifar_transfer.data import to_model_input
 from cifar_transfer.errors import UserError
 from cifar_transfer.hardware import autocast
+from cifar_transfer.transforms import to_model_input
 
 # Cache folders a write failed in (read-only, under a file, full): said once per process, not retried.
 _UNWRITABLE: set[Path] = set()

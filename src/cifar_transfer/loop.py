@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from cifar_transfer import distributed, hardware
-from cifar_transfer.data import augment, batch_indices, to_model_input
+from cifar_transfer.transforms import augment, batch_indices, to_model_input
 
 # Steps between two host reads of the loss (is it finite?), per device type: on a GPU each read
 # waits for the queued steps to finish, on a CPU it costs nothing.
