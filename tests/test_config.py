@@ -34,7 +34,8 @@ def test_required_recipes_are_shipped_and_valid():
 def test_published_choices_are_recorded():
     top = load_recipe("seed-top-finetune")
     assert [p.epochs for p in top.phases] == [2, 4]
-    assert top.phases[0].lr == 1e-5 and top.phases[0].freeze == "none"
+    assert top.phases[0].lr == 1e-4 and top.phases[0].freeze == "none"  # the measured fix
+    assert "Adam(1e-5)" in top.source["choices"] and any("1e-5" in d for d in top.source["deviations"])
     assert top.phases[1].freeze == "all" and top.model.head == "imagenet-top"
     layer100 = load_recipe("seed-from-layer-100")
     assert layer100.phases[0].freeze == "from-layer:100"

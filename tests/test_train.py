@@ -281,3 +281,18 @@ def test_the_bundle_names_the_resolution_its_best_weights_were_validated_at(
     assert meta["resolution"] == 64 and meta["val_acc"] == best["val_acc"] == summary["val_acc"]
     assert meta["precision"] == train_mod.hardware.pick_precision(precision, torch.device("cpu"))
     assert evaluate_run(tmp_path / "run", "val", None)["accuracy"] == meta["val_acc"]
+
+
+def test_a_frozen_phase_after_fine_tuning_never_reads_features_of_other_weights(cifar_dir, tmp_path):
+    """The cache is keyed by the backbone's weights as they are, not by their source: after a
+    fine-tuning phase (write-up 2's order) the features must be the fine-tuned backbone's."""
+    cfg = two_phase(cifar_dir, "run.precision=fp32")
+    run = train_mod.Run(cfg, tmp_path, progress=False)
+    before, _, _, _ = train_mod.frozen_features(run, run.plans[0])
+    with torch.no_grad():  # what a fine-tuning phase does to the backbone
+        for p in run.model.backbone.parameters():
+            p.mul_(1.1)
+    after, _, val_after, _ = train_mod.frozen_features(run, run.plans[0])
+    assert not torch.allclose(before, after, atol=1e-3), "served the old weights' features"
+    live = extract_features(run.model.eval(), run.data.val_x, 32, 100, "fp32", True, "live")
+    assert torch.allclose(val_after, live, atol=1e-5)

@@ -30,20 +30,24 @@ def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def weights_id(weights: str) -> str:
-    """Named weights as they are; a local file by its path, size and mtime."""
-    p = Path(weights)
-    if p.is_file():
-        st = p.stat()
-        return f"file-{hashlib.blake2b(f'{p.resolve()}:{st.st_size}:{st.st_mtime_ns}'.encode(), digest_size=6).hexdigest()}"
-    return weights
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A short content hash of a module's weights and buffers as they are now.
+
+    The cache must key on the backbone's current weights, not on where they came from: a frozen
+    phase after a fine-tuning phase (write-up 2's recipe) sees a backbone no file names.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-def cache_key(backbone: str, weights: str, head: str, resolution: int, precision: str, data_fp: str) -> str:
+def cache_key(backbone: str, weights_fp: str, head: str, resolution: int, precision: str, data_fp: str) -> str:
     """File stem of a feature cache entry; every input that changes the features is part of it."""
     kind = "top1000" if head == "imagenet-top" else "pooled"
     safe = backbone.replace("/", "_")
-    return f"{safe}-{weights_id(weights)}-{kind}-r{resolution}-{precision}-{data_fp}"
+    return f"{safe}-w{weights_fp}-{kind}-r{resolution}-{precision}-{data_fp}"
 
 
 def should_compile(setting: str, n_images: int) -> bool:

@@ -36,6 +36,7 @@ from cifar_transfer.features import (
     extract_features,
     fingerprint,
     should_compile,
+    weights_fingerprint,
 )
 from cifar_transfer.loop import Diverged, PhaseInputs, train_one_epoch, validate
 from cifar_transfer.models import apply_freeze, create_model
@@ -298,10 +299,11 @@ def frozen_features(
     if plan.phase.cached_flips:
         sets.insert(1, ("mirrored train", data.train_x.flip(-1), data.train_y))
     out, seconds = [], 0.0
+    backbone_fp = weights_fingerprint(run.model.backbone)  # as it is now: maybe fine-tuned
     with distributed.main_first():
         for name, x, y in sets:
             key = cache_key(
-                cfg.model.backbone, cfg.model.weights, cfg.model.head, plan.resolution,
+                cfg.model.backbone, backbone_fp, cfg.model.head, plan.resolution,
                 plan.precision, fingerprint(x, y),
             )  # fmt: skip
             extract = functools.partial(
