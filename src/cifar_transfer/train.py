@@ -59,7 +59,7 @@ class Data:
 def load_data(cfg: Config, device: torch.device) -> Data:
     """Read CIFAR-10's training split, split off validation, cap training images, move to device."""
     x, y = load_split(resolve_data_dir(cfg.data.data_dir or None), "train")
-    print_ = fingerprint(x, y)
+    data_fp = fingerprint(x, y)
     if cfg.data.val_size >= len(y):
         raise UserError(
             f"bad value for data.val_size: {cfg.data.val_size} leaves no training images "
@@ -68,7 +68,7 @@ def load_data(cfg: Config, device: torch.device) -> Data:
     train_idx, val_idx = stratified_split(y, cfg.data.val_size, cfg.data.seed)
     if cfg.data.train_limit:
         train_idx = stratified_subset(train_idx, y, cfg.data.train_limit, cfg.data.seed)
-    return Data(*(t.to(device) for t in (x[train_idx], y[train_idx], x[val_idx], y[val_idx])), print_)
+    return Data(*(t.to(device) for t in (x[train_idx], y[train_idx], x[val_idx], y[val_idx])), data_fp)
 
 
 def check_batch_sizes(cfg: Config, world: int) -> None:
@@ -295,13 +295,15 @@ def frozen_features(
     them (a rank that cannot see rank 0's cache folder, e.g. on another machine, extracts too).
     """
     cfg, data = run.cfg, run.data
-    sets = [("train", data.train_x, data.train_y), ("val", data.val_x, data.val_y)]
+    # (name, images, labels, may compile): validation features are extracted eagerly, as
+    # `evaluate` runs the bundle (compiled, BN-folded bf16 numerics moved a val_acc 0.3 points).
+    sets = [("train", data.train_x, data.train_y, True), ("val", data.val_x, data.val_y, False)]
     if plan.phase.cached_flips:
-        sets.insert(1, ("mirrored train", data.train_x.flip(-1), data.train_y))
+        sets.insert(1, ("mirrored train", data.train_x.flip(-1), data.train_y, True))
     out, seconds = [], 0.0
     backbone_fp = weights_fingerprint(run.model.backbone)  # as it is now: maybe fine-tuned
     with distributed.main_first():
-        for name, x, y in sets:
+        for name, x, y, may_compile in sets:
             key = cache_key(
                 cfg.model.backbone, backbone_fp, cfg.model.head, plan.resolution,
                 plan.precision, fingerprint(x, y),
@@ -310,9 +312,7 @@ def frozen_features(
                 extract_features, run.model, resolution=plan.resolution,
                 batch_size=cfg.run.eval_batch_size, precision=plan.precision,
                 channels_last=cfg.run.channels_last, desc=f"{name} features",
-                # Validation features eager, as `evaluate` runs the bundle: compiled (frozen,
-                # BN-folded) bf16 numerics moved the val_acc of a 5,000-image split by 0.3 points.
-                compile_model=name != "val" and should_compile(cfg.run.compile_features, len(x)),
+                compile_model=may_compile and should_compile(cfg.run.compile_features, len(x)),
                 progress=run.log.console,
             )  # fmt: skip
             feats, s = cached_features(default_cache_dir() / "features", key, x, extract)
