@@ -19,7 +19,13 @@ from cifar_transfer.backbones import (
     register_backbone,
 )
 from cifar_transfer.errors import UserError
-from cifar_transfer.models import TransferModel, apply_freeze, create_model, freeze_layer_order
+from cifar_transfer.models import (
+    TransferModel,
+    apply_freeze,
+    create_model,
+    freeze_layer_order,
+    keras_depth,
+)
 from cifar_transfer.weights import map_efficientnet_lite_state_dict
 
 ESPRESSO = 967  # ImageNet class index
@@ -154,10 +160,10 @@ def test_a_family_registered_from_outside_builds_freezes_and_trains(tmp_path) ->
     with pytest.raises(UserError, match="stage1, stage2"):
         apply_freeze(model, "until:stage3")
 
-    # from-layer:N counts the modules owning weights: conv, BN, conv, BN.
+    # from-module:N counts the modules owning weights: conv, BN, conv, BN.
     names = [n for n, _ in freeze_layer_order(model)]
     assert names == ["stage1.0", "stage1.1", "stage2.0", "stage2.1"]
-    apply_freeze(model, "from-layer:3")
+    apply_freeze(model, "from-module:3")
     assert not net.stage2[0].weight.requires_grad and net.stage2[1].weight.requires_grad
     model.train()
     assert not net.stage1[1].training and net.stage2[1].training
@@ -251,13 +257,29 @@ def test_from_layer_100_matches_keras_resnet50() -> None:
     assert not block.bn2.training and block.bn3.training
 
 
-def test_from_layer_on_other_backbones_counts_weight_owning_modules() -> None:
+def test_from_module_counts_the_backbones_own_weight_owning_modules() -> None:
     model = create_model("cnn", "none", "linear")
     assert len(freeze_layer_order(model)) == 12  # 6 convs + 6 BatchNorms
-    apply_freeze(model, "from-layer:2")  # first conv + its BN
+    apply_freeze(model, "from-module:2")  # first conv + its BN
     block = model.backbone.block1
     assert not block[0].weight.requires_grad and not block[1].weight.requires_grad
     assert block[3].weight.requires_grad
+
+
+def test_from_layer_100_freezes_the_same_early_57_percent_of_a_non_resnet() -> None:
+    """Write-up 3 froze Keras ResNet50's layers[:100]: 61 of its 106 weight layers."""
+    assert keras_depth(100) == pytest.approx(61 / 106) and keras_depth(175) == 1.0
+    model = create_model("efficientnet_lite0", "none", "linear")
+    layers = freeze_layer_order(model)
+    assert len(layers) == 98
+    apply_freeze(model, "from-layer:100")
+    frozen = [n for n, m in layers if not any(p.requires_grad for p in m.parameters())]
+    assert frozen == [n for n, _ in layers[:56]]  # round(0.575 * 98)
+    assert layers[56][0] == "blocks.4.1.conv_dw"  # the first trainable layer
+    apply_freeze(model, "from-layer:0")
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(UserError, match="from 0 to 175 .Keras ResNet50's layer numbers"):
+        apply_freeze(model, "from-layer:176")
 
 
 @pytest.mark.parametrize(

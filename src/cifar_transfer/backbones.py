@@ -91,8 +91,10 @@ class BackboneFamily:
         """spec.stages, in order, each with the modules of net it covers."""
         return [(name, [net.get_submodule(name)]) for name in spec.stages]
 
+    keras_order = False  # True: layer_order is Keras' own list, so from-layer:N counts in it
+
     def layer_order(self, net: nn.Module) -> Layers:
-        """The layers `from-layer:N` counts, in order: here the modules owning parameters."""
+        """The layers `from-module:N` counts, in order: here the modules owning parameters."""
         return [
             (name, m) for name, m in net.named_modules()
             if any(True for _ in m.parameters(recurse=False))
@@ -115,6 +117,8 @@ _TORCHVISION_WEIGHTS = {
 
 class ResNetFamily(BackboneFamily):
     """torchvision's ResNets; from-layer:N counts in Keras' order, as write-up 3 did."""
+
+    keras_order = True
 
     def build(self, spec: BackboneSpec, weights: str, keep_top: bool) -> nn.Module:
         """torchvision's net; without the top, forward ends at the pooled, flattened features."""

@@ -21,7 +21,7 @@ AUGMENTS = ("none", "flip", "crop-flip")
 PRECISIONS = ("auto", "bf16", "fp32")
 BATCHNORM_MODES = ("train", "eval")
 HEADS = ("linear", "mlp", "imagenet-top")
-FREEZE_FORMS = "none | all | until:<stage> | from-layer:<N>"
+FREEZE_FORMS = "none | all | until:<stage> | from-layer:<N> | from-module:<N>"
 
 
 @dataclass
@@ -283,7 +283,7 @@ def validate(cfg: Config) -> None:
         _check(
             p.freeze in ("none", "all")
             or re.fullmatch(r"until:\S+", p.freeze) is not None
-            or re.fullmatch(r"from-layer:\d+", p.freeze) is not None,
+            or re.fullmatch(r"from-(layer|module):\d+", p.freeze) is not None,
             f"bad value for {k}.freeze: {p.freeze!r} (choose {FREEZE_FORMS})",
         )
 

@@ -1,11 +1,13 @@
 """The model a run trains: TransferModel (backbone + head), heads, and freezing.
 
 Owns: `create_model` (a registry backbone from backbones.py with its weights, plus a linear, mlp
-or keep-the-ImageNet-top head) and `apply_freeze` (none, all, until:<stage>, from-layer:N), which
+or keep-the-ImageNet-top head) and `apply_freeze` (none, all, until:<stage>, from-layer:N, from-module:N), which
 keeps frozen BatchNorm in eval so its running statistics stay untouched in train mode.
 """
 
 from __future__ import annotations
+
+import functools
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -17,6 +19,7 @@ from cifar_transfer.backbones import (
     build_backbone,
     family_of,
     get_spec,
+    keras_resnet_layers,
 )
 from cifar_transfer.config import HEADS
 from cifar_transfer.errors import UserError
@@ -88,12 +91,56 @@ def create_model(
 
 
 def freeze_layer_order(model: TransferModel) -> Layers:
-    """The layer list `from-layer:N` counts in: Keras' order for resnets, else weight owners.
+    """The layer list `from-module:N` counts in: Keras' order for resnets, else weight owners.
 
-    For non-resnet backbones N counts the backbone modules that own parameters directly
+    For non-resnet backbones the list is the backbone modules that own parameters directly
     (conv, BatchNorm, linear ...), in registration order; each family says which.
     """
     return family_of(model.spec).layer_order(model.backbone)
+
+
+KERAS_RESNET50_LAYERS = 175  # len(keras.applications.ResNet50(include_top=False).layers)
+
+
+@functools.cache
+def _keras_resnet50_weight_layers() -> tuple[bool, ...]:
+    """For each of Keras ResNet50's 175 layers (no top), whether it owns weights (106 do)."""
+    import torch
+    import torchvision
+
+    with torch.device("meta"):  # the layout only: no memory, no weights
+        net = torchvision.models.resnet50()
+    net.fc = nn.Identity()
+    return tuple(m is not None for _, m in keras_resnet_layers(net))
+
+
+def keras_depth(n: int) -> float:
+    """The share of Keras ResNet50's weight layers among its first n layers.
+
+    Write-up 3's `layers[:100]` froze 61 of ResNet50's 106 weight layers: keras_depth(100) is
+    0.575, the early 57% of the network. `from-layer:N` on a backbone that is not a ResNet
+    freezes the same share of its own weight layers.
+    """
+    owns = _keras_resnet50_weight_layers()
+    return sum(owns[:n]) / sum(owns)
+
+
+def _from_layer(model: TransferModel, freeze: str, form: str) -> list[nn.Module]:
+    """Modules frozen by from-layer:N (Keras ResNet50 numbering) or from-module:N (literal)."""
+    layers = freeze_layer_order(model)
+    keras_scale = form == "from-layer" and not family_of(model.spec).keras_order
+    top = KERAS_RESNET50_LAYERS if keras_scale else len(layers)
+    text = freeze[len(form) + 1:].strip()
+    n = int(text) if text.isdigit() else -1
+    if not 0 <= n <= top:
+        scale = (
+            f"Keras ResNet50's layer numbers, mapped to the same depth of {model.spec.name}"
+            if keras_scale else f"the number of layers of {model.spec.name}"
+        )
+        raise UserError(f"bad freeze '{freeze}': N must be an integer from 0 to {top} ({scale})")
+    if keras_scale:
+        n = round(keras_depth(n) * len(layers))
+    return [m for _, m in layers[:n] if m is not None]
 
 
 def _stages(model: TransferModel) -> Stages:
@@ -119,23 +166,13 @@ def _frozen_modules(model: TransferModel, freeze: str) -> list[nn.Module]:
                 f"use one of {', '.join(names)}"
             )
         return [m for _, modules in stages[: matches[0] + 1] for m in modules]
-    if freeze.startswith("from-layer:"):
-        layers = freeze_layer_order(model)
-        text = freeze[len("from-layer:"):].strip()
-        try:
-            n = int(text)
-        except ValueError:
-            n = -1
-        if not 0 <= n <= len(layers):
-            raise UserError(
-                f"bad freeze '{freeze}': N must be an integer from 0 to {len(layers)} "
-                f"(the number of layers of {model.spec.name})"
-            )
-        return [m for _, m in layers[:n] if m is not None]
+    for form in ("from-layer", "from-module"):
+        if freeze.startswith(form + ":"):
+            return _from_layer(model, freeze, form)
     stages = ", ".join(n for n, _ in _stages(model))
     raise UserError(
         f"unknown freeze '{freeze}': use none, all, until:<stage> (stages: {stages}) "
-        "or from-layer:<N>"
+        "from-layer:<N> or from-module:<N>"
     )
 
 
