@@ -285,12 +285,53 @@ def test_small_folder_is_the_recipe_train_uses_on_a_folder(tmp_path, cifar_dir):
     assert cfg.data.val_size == 0.2 and cfg.phases[0].optimizer == "lbfgs"
 
 
-def test_real_hymenoptera_folder_decodes_and_trains_a_little():
-    train = HYMENOPTERA / "train"
-    if not (train / "ants").is_dir():
+def test_real_hymenoptera_folder_decodes_and_trains_a_little(tmp_path):
+    from cifar_transfer.train import train
+
+    root = HYMENOPTERA / "train"
+    if not (root / "ants").is_dir():
         pytest.skip(f"hymenoptera not found at {HYMENOPTERA}")
-    s = datasets.load_train_val(cfg_for(train, "data.val_size=0.2", "data.storage_size=48"),
-                                progress=False)  # fmt: skip
+    cfg = cfg_for(root, "data.val_size=0.2", "data.storage_size=48", "phases.0.epochs=1")
+    s = datasets.load_train_val(cfg, progress=False)
     assert s.source.classes == ["ants", "bees"] and len(s.train_y) + len(s.val_y) == 245
     assert torch.bincount(s.val_y).tolist() == [25, 24]
-    assert s.train_x.float().std() > 20  # real photos, not blank decodes
+    assert s.train_x.float().std() > 20  # real photos (one a palette image), not blank decodes
+    summary = train(cfg, tmp_path / "run", progress=False)  # decoded set read from the cache
+    assert summary["classes"] == ["ants", "bees"] and summary["val_images"] == 49
+
+
+def test_cifar100_download_is_md5_checked_and_extracted_once(tmp_path):
+    import hashlib
+    import tarfile
+
+    from cifar_transfer import cifar100
+
+    src = write_cifar100(tmp_path / "src")
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="cifar-100-python")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    with pytest.raises(UserError, match="CIFAR-100 archive from .* has MD5"):
+        cifar100.download_cifar100(tmp_path / "bad", url=archive.as_uri(), md5="0" * 32)
+    assert list((tmp_path / "bad").iterdir()) == []  # nothing of a bad download is kept
+    got = cifar100.download_cifar100(tmp_path / "cache", url=archive.as_uri(), md5=md5)
+    x, y = cifar100.load_split(got, "test")
+    assert x.shape == (40, 3, 32, 32) and int(y.max()) == 39
+    assert cifar100.MD5 == "eb9058c3a382ffc7106e4002c42a8d85" and cifar100.BYTES == 169_001_437
+
+
+def test_a_100_class_report_lists_the_most_confused_pairs(tmp_path):
+    from cifar_transfer.report import confused_pairs, render_html
+
+    classes = [f"c{i}" for i in range(100)]
+    cm = np.eye(100, dtype=np.int64) * 5
+    cm[3, 7], cm[10, 2] = 4, 1
+    pairs = confused_pairs(cm.tolist(), classes)
+    assert pairs == [("c3", "c7", 4, 4 / 9), ("c10", "c2", 1, 1 / 6)]
+    per_class = {c: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 5} for c in classes}
+    evaluation = {"accuracy": 0.99, "loss": 0.1, "balanced_accuracy": 0.98, "macro_f1": 0.97,
+                  "classes": classes, "per_class": per_class, "confusion_matrix": cm.tolist(),
+                  "n": 505, "split": "val"}  # fmt: skip
+    page = render_html(tmp_path, {"resolution": 32}, "", [], evaluation, {}, [])
+    assert "Most-confused pairs" in page and "<td>c3</td><td>c7</td><td class=num>4</td>" in page
+    assert "val balanced accuracy" in page and "98.00%" in page

@@ -75,7 +75,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_run(Path(args.run_dir), args.split, args.data_dir, tta=args.tta)
     print(
-        f"{args.split} accuracy {result['accuracy']:.4f} on {result['n']} images"
+        f"{args.split} accuracy {result['accuracy']:.4f} (balanced {result['balanced_accuracy']:.4f}, "
+        f"macro-F1 {result['macro_f1']:.4f}) on {result['n']} images"
         f"{' (flip TTA)' if args.tta else ''}; wrote {result['path']}"
     )
     return 0

@@ -25,7 +25,6 @@ DATA_KINDS = ("auto", "cifar10", "cifar100", "folder")
 CIFAR100_LABELS = ("fine", "coarse")
 BAD_IMAGES = ("skip", "refuse")
 CLASS_WEIGHTS = ("none", "auto")
-BEST_METRICS = ("accuracy", "balanced_accuracy")
 FREEZE_FORMS = "none | all | until:<stage> | from-layer:<N> | from-module:<N>"
 
 
@@ -105,9 +104,6 @@ class RunConfig:
     eval_batch_size: int = 256
     feature_cache: bool = True  # frozen phases without augmentation train the head on cached features
     keep_best: bool = True  # the final model is the epoch with the best val_acc
-    # What "best" means for keep_best: accuracy, or balanced_accuracy (mean recall over classes,
-    # for imbalanced classes)
-    best_metric: str = "accuracy"
     tensorboard: bool = False  # also log every metrics row to RUN_DIR/tensorboard (pip extra)
 
 
@@ -247,10 +243,8 @@ def validate(cfg: Config) -> None:
     for key, value, allowed in (
         ("kind", d.kind, DATA_KINDS), ("cifar100_labels", d.cifar100_labels, CIFAR100_LABELS),
         ("bad_images", d.bad_images, BAD_IMAGES), ("class_weights", d.class_weights, CLASS_WEIGHTS),
-        ("run.best_metric", r.best_metric, BEST_METRICS),
     ):
-        name = key if "." in key else f"data.{key}"
-        _check(value in allowed, f"bad value for {name}: {value!r} (choose one of {', '.join(allowed)})")
+        _check(value in allowed, f"bad value for data.{key}: {value!r} (choose one of {', '.join(allowed)})")
     _check(d.storage_size >= 0, f"bad value for data.storage_size: {d.storage_size} (0 = auto, or > 0)")
     _check(d.decode_workers >= 0, f"bad value for data.decode_workers: {d.decode_workers} (0 = auto)")
     _check(d.train_limit >= 0, f"bad value for data.train_limit: {d.train_limit} (0 = all, or > 0)")

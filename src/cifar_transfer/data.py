@@ -402,13 +402,18 @@ def _stratified_pick(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
             quota[c] = int(counts[c])
             remaining -= quota[c]
             active.remove(c)
+    return torch.from_numpy(seeded_pick(labels_np, classes, quota, seed))
+
+
+def seeded_pick(labels: np.ndarray, classes: np.ndarray, quota, seed: int) -> np.ndarray:
+    """Sorted positions of quota[c] labels of each class c, drawn by seeded permutations."""
     generator = torch.Generator().manual_seed(seed)
     picked = [np.empty(0, dtype=np.int64)]
     for c, cls in enumerate(classes):
-        members = np.flatnonzero(labels_np == cls)
+        members = np.flatnonzero(labels == cls)
         order = torch.randperm(len(members), generator=generator).numpy()
         picked.append(members[order[: quota[c]]])
-    return torch.from_numpy(np.sort(np.concatenate(picked)))
+    return np.sort(np.concatenate(picked))
 
 
 def stratified_split(

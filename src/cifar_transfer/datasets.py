@@ -31,6 +31,7 @@ from cifar_transfer.data import (
     default_cache_dir,
     load_split,
     resolve_data_dir,
+    seeded_pick,
     stratified_split,
     stratified_subset,
 )
@@ -152,14 +153,8 @@ def proportional_split(labels: torch.Tensor, k: int, seed: int) -> tuple[torch.T
     for c in np.argsort(-(exact - quota), kind="stable")[: k - quota.sum()]:
         quota[c] += 1
     quota = np.clip(quota, 1 if k else 0, counts - 1)
-    generator = torch.Generator().manual_seed(seed)
-    val = [np.empty(0, dtype=np.int64)]
-    for c, cls in enumerate(classes):
-        members = np.flatnonzero(y == cls)
-        order = torch.randperm(len(members), generator=generator).numpy()
-        val.append(members[order[: quota[c]]])
     in_val = np.zeros(len(y), dtype=bool)
-    in_val[np.concatenate(val)] = True
+    in_val[seeded_pick(y, classes, quota, seed)] = True
     return torch.from_numpy(np.flatnonzero(~in_val)), torch.from_numpy(np.flatnonzero(in_val))
 
 
