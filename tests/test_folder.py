@@ -19,6 +19,7 @@ from cifar_transfer import datasets, folder
 from cifar_transfer.cli import main
 from cifar_transfer.config import apply_overrides, load_recipe
 from cifar_transfer.errors import UserError
+from cifar_transfer.export import torchscript_module
 
 COLOURS = {"apple": (200, 30, 30), "kiwi": (40, 180, 40), "plum": (60, 40, 200)}
 HYMENOPTERA = Path(__file__).resolve().parents[1].parent / "shared" / "hymenoptera"
@@ -272,7 +273,7 @@ def test_a_folder_run_follows_the_dataset_downstream(tmp_path, capsys):
     assert main(["predict", str(run), str(big), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["top"][0]["class"] == "plum"
     assert main(["export", str(run), "--format", "torchscript"]) == 0
-    module = torch.jit.load(str(run / "model.pt"))
+    module = torchscript_module((run / "model.pt").read_bytes())
     assert module(torch.zeros(2, 3, 40, 40, dtype=torch.uint8)).shape == (2, 3)
 
 
