@@ -29,6 +29,7 @@ def save_bundle(
     `resolution` (and `summary`'s `precision`) are what the weights were validated at (the best
     epoch's with keep_best), so `evaluate` scores them as training chose them.
     """
+    size = summary.get("storage_size", 32)
     meta = {
         "format": FORMAT,
         "classes": list(CLASSES),
@@ -36,7 +37,7 @@ def save_bundle(
         "head": cfg.model.head,
         "pretrained_from": cfg.model.weights,
         "resolution": resolution,
-        "input": "uint8 RGB images (N, 3, 32, 32); resized to `resolution` and normalized inside",
+        "input": f"uint8 RGB images (N, 3, {size}, {size}); resized to `resolution` and normalized inside",
         "mean": list(model.spec.mean),
         "std": list(model.spec.std),
         "recipe": cfg.recipe,

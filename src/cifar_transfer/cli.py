@@ -31,6 +31,7 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from cifar_transfer import distributed, train
     from cifar_transfer.config import apply_overrides, load_recipe
+    from cifar_transfer.datasets import default_recipe
 
     if args.resume:
         if args.recipe or args.overrides or args.weights or args.tensorboard:
@@ -42,7 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out = args.run_out = Path(args.resume)
         summary = train.resume(out, progress=not args.quiet, data_dir=args.data_dir)
     else:
-        cfg = load_recipe(args.recipe or "default")
+        cfg = load_recipe(args.recipe or default_recipe(args.data_dir))
         overrides = list(args.overrides)
         if args.data_dir:
             overrides.append(f"data.data_dir={args.data_dir}")
@@ -74,7 +75,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_run(Path(args.run_dir), args.split, args.data_dir, tta=args.tta)
     print(
-        f"{args.split} accuracy {result['accuracy']:.4f} on {result['n']} images"
+        f"{args.split} accuracy {result['accuracy']:.4f} (balanced {result['balanced_accuracy']:.4f}, "
+        f"macro-F1 {result['macro_f1']:.4f}) on {result['n']} images"
         f"{' (flip TTA)' if args.tta else ''}; wrote {result['path']}"
     )
     return 0
@@ -164,8 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_recipes)
 
     p = sub.add_parser("train", help="train a recipe into a run dir")
-    p.add_argument("--recipe", help="shipped recipe name or a .toml path (default: default)")
-    p.add_argument("--data-dir", help="existing cifar-10-batches-py folder (or its parent)")
+    p.add_argument(
+        "--recipe",
+        help="shipped recipe name or a .toml path (default: default; small-folder on a folder of "
+        "class subfolders)",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="cifar-10-batches-py or cifar-100-python folder (or its parent), or a folder of "
+        "class subfolders (ROOT/<class>/*.jpg or ROOT/train/<class>/...)",
+    )
     p.add_argument("--weights", help="imagenet | imagenet-v1 | none | PATH to .pth/.safetensors")
     p.add_argument("--out", help="run dir to create (default: runs/<recipe>-<time>)")
     p.add_argument(

@@ -21,15 +21,30 @@ AUGMENTS = ("none", "flip", "crop-flip")
 PRECISIONS = ("auto", "bf16", "fp32")
 BATCHNORM_MODES = ("train", "eval")
 HEADS = ("linear", "mlp", "imagenet-top")
+DATA_KINDS = ("auto", "cifar10", "cifar100", "folder")
+CIFAR100_LABELS = ("fine", "coarse")
+BAD_IMAGES = ("skip", "refuse")
+CLASS_WEIGHTS = ("none", "auto")
 FREEZE_FORMS = "none | all | until:<stage> | from-layer:<N> | from-module:<N>"
 
 
 @dataclass
 class DataConfig:
     data_dir: str = ""  # "" = download the official archive into the cache
-    val_size: int = 5000  # seeded, class-stratified, taken from the training split
+    # auto: told apart by --data-dir's contents (datasets.py); cifar10 | cifar100 | folder
+    kind: str = "auto"
+    # Seeded, class-stratified, taken from the training split: a count, or a fraction below 1
+    # (0.2 = a fifth of the images). A folder's own val/ replaces it.
+    val_size: int | float = 5000
     train_limit: int = 0  # 0 = all remaining training images; >0 = stratified subset (smoke runs)
     seed: int = 0  # seed of the split and the subset, independent of the training seed
+    cifar100_labels: str = "fine"  # fine (100 classes) | coarse (20 superclasses)
+    # Folders: the square size (px) every image is decoded to (shorter side resized to it, then
+    # the centre square cut); 0 = the largest resolution the config names, else 256.
+    storage_size: int = 0
+    bad_images: str = "skip"  # folders: skip unreadable images with a warning listing them, or refuse
+    decode_workers: int = 0  # folders: decoding threads; 0 = one per CPU core
+    class_weights: str = "none"  # none | auto: weight the loss by inverse class frequency
 
 
 @dataclass
@@ -125,13 +140,17 @@ def _coerce(value: Any, typ: type, key: str) -> Any:
     out = _convert(value, typ, key)
     # One rule for every float: inf/nan pass range checks written as `x >= 0` (inf warmup epochs
     # overflow the schedule, an inf L2 penalty gives a NaN probe) or fail them with a puzzling line.
-    if typ is float and not math.isfinite(out):
+    if typ in (float, Number) and not math.isfinite(out):
         raise UserError(f"bad value for {key}: {value!r} is not a finite number")
     return out
 
 
 def _convert(value: Any, typ: type, key: str) -> Any:
     """The type conversion behind _coerce."""
+    if typ is Number:  # a whole number stays an int (a count), anything else is a float
+        text = value.strip() if isinstance(value, str) else value
+        number = _convert(text, float, key)
+        return int(number) if float(number).is_integer() else number
     if typ is list:  # list[float]: a TOML array, or "1e-3,1e-4" on the command line
         items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
         if not isinstance(items, list) or not items:
@@ -164,7 +183,13 @@ def _convert(value: Any, typ: type, key: str) -> Any:
     return value
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list[float]": list}
+class Number(float):
+    """Marks a field that takes a count (int) or a fraction (float), e.g. data.val_size."""
+
+
+_TYPES = {
+    "int": int, "float": float, "str": str, "bool": bool, "list[float]": list, "int | float": Number,
+}
 
 
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -211,7 +236,17 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Reject values that cannot work, each with one line naming the key and the valid range."""
     d, m, r = cfg.data, cfg.model, cfg.run
-    _check(d.val_size >= 0, f"bad value for data.val_size: {d.val_size} (must be >= 0)")
+    _check(
+        d.val_size >= 0 and (isinstance(d.val_size, int) or d.val_size < 1),
+        f"bad value for data.val_size: {d.val_size} (a count >= 0, or a fraction below 1 such as 0.2)",
+    )
+    for key, value, allowed in (
+        ("kind", d.kind, DATA_KINDS), ("cifar100_labels", d.cifar100_labels, CIFAR100_LABELS),
+        ("bad_images", d.bad_images, BAD_IMAGES), ("class_weights", d.class_weights, CLASS_WEIGHTS),
+    ):
+        _check(value in allowed, f"bad value for data.{key}: {value!r} (choose one of {', '.join(allowed)})")
+    _check(d.storage_size >= 0, f"bad value for data.storage_size: {d.storage_size} (0 = auto, or > 0)")
+    _check(d.decode_workers >= 0, f"bad value for data.decode_workers: {d.decode_workers} (0 = auto)")
     _check(d.train_limit >= 0, f"bad value for data.train_limit: {d.train_limit} (0 = all, or > 0)")
     _check(m.head in HEADS, f"bad value for model.head: {m.head!r} (choose one of {', '.join(HEADS)})")
     _check(m.resolution >= 0, f"bad value for model.resolution: {m.resolution} (0 = native, or > 0)")

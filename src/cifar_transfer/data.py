@@ -15,6 +15,8 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -68,69 +70,82 @@ def _looks_like_batches_dir(path: Path) -> bool:
     return any((path / name).is_file() for name in (*_TRAIN_FILES, _TEST_FILE))
 
 
-_NO_DOWNLOAD_FIX = f"pass --data-dir DIR with an extracted {BATCHES_DIRNAME} folder"
+@dataclass(frozen=True)
+class Archive:
+    """An official python-version archive: its name in messages, the folder it extracts to, and
+    the test that a folder holds it completely."""
+
+    label: str
+    dirname: str
+    complete: Callable[[Path], bool]
+
+    @property
+    def fix(self) -> str:
+        return f"pass --data-dir DIR with an extracted {self.dirname} folder"
 
 
-def _download_error(url: str, what: str) -> UserError:
+CIFAR10 = Archive("CIFAR-10", BATCHES_DIRNAME, _has_train_batches)
+
+
+def _download_error(url: str, what: str, archive: Archive = CIFAR10) -> UserError:
     """One line for a download that cannot go on: what happened, and the offline fix."""
-    return UserError(f"cannot download CIFAR-10 from {url} ({what}); {_NO_DOWNLOAD_FIX}")
+    return UserError(f"cannot download {archive.label} from {url} ({what}); {archive.fix}")
 
 
-def _offline_error(url: str, reason: object) -> UserError:
-    return _download_error(url, f"{reason}: you seem to be offline")
+def _offline_error(url: str, reason: object, archive: Archive) -> UserError:
+    return _download_error(url, f"{reason}: you seem to be offline", archive)
 
 
-def _bad_url_error(url: str, reason: object) -> UserError:
-    return _download_error(url, f"{reason}: not a valid URL")
+def _bad_url_error(url: str, reason: object, archive: Archive) -> UserError:
+    return _download_error(url, f"{reason}: not a valid URL", archive)
 
 
-def _too_big_error(url: str, size: int) -> UserError:
+def _too_big_error(url: str, size: int, archive: Archive) -> UserError:
     return _download_error(
         url, f"more than the {size:,} bytes of the official archive, so not that file: stopped; "
-        "check the URL",
+        "check the URL", archive,
     )  # fmt: skip
 
 
-def _fetch(url: str, dest: BinaryIO, size: int) -> str:
+def _fetch(url: str, dest: BinaryIO, size: int, archive: Archive = CIFAR10) -> str:
     """Stream `url` into `dest` (at most `size` bytes) and return the MD5 hex digest written."""
     try:
         response = urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S)
     except urllib.error.HTTPError as err:  # the server answered, so "offline" would mislead
         raise UserError(
-            f"cannot download CIFAR-10 from {url} (HTTP {err.code} {err.reason}): "
-            f"the archive is not there; pass --data-dir DIR with an extracted "
-            f"{BATCHES_DIRNAME} folder"
+            f"cannot download {archive.label} from {url} (HTTP {err.code} {err.reason}): "
+            f"the archive is not there; {archive.fix}"
         ) from err
     except urllib.error.URLError as err:
         if "unknown url type" in str(err.reason):  # a typo, not a network problem
-            raise _bad_url_error(url, err.reason) from err
-        raise _offline_error(url, err.reason) from err
+            raise _bad_url_error(url, err.reason, archive) from err
+        raise _offline_error(url, err.reason, archive) from err
     except (OSError, http.client.HTTPException) as err:
-        raise _offline_error(url, err) from err
+        raise _offline_error(url, err, archive) from err
     except ValueError as err:  # urllib's "unknown url type" for strings without a scheme
-        raise _bad_url_error(url, err) from err
+        raise _bad_url_error(url, err, archive) from err
     digest = hashlib.md5()
     length = response.headers.get("Content-Length") if response.headers else None
     total = int(length) if length and length.isdigit() else None
     if total is not None and total > size:
-        raise _too_big_error(url, size)
+        raise _too_big_error(url, size, archive)
     received = 0
     # disable=None: a progress bar on a terminal, silence in logs and tests.
     with (
         response,
-        tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10", disable=None) as bar,
+        tqdm(total=total, unit="B", unit_scale=True, desc=archive.label, disable=None) as bar,
     ):
         while True:
             try:
                 # One byte past `size` at most: enough to tell the file is not the archive.
                 chunk = response.read(min(1 << 20, size + 1 - received))
             except (OSError, http.client.HTTPException) as err:  # dropped connection, timeout
-                raise _offline_error(url, err) from err
+                raise _offline_error(url, err, archive) from err
             if not chunk:
                 break
             received += len(chunk)
             if received > size:
-                raise _too_big_error(url, size)
+                raise _too_big_error(url, size, archive)
             digest.update(chunk)
             dest.write(chunk)
             bar.update(len(chunk))
@@ -141,63 +156,66 @@ def download_cifar10(
     cache_dir: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5, size: int = CIFAR10_BYTES
 ) -> Path:
     """Download the official archive, check its MD5, extract atomically; return its batches dir."""
+    return download_archive(CIFAR10, cache_dir, url, md5, size)
+
+
+def download_archive(archive: Archive, cache_dir: Path, url: str, md5: str, size: int) -> Path:
+    """Download an official archive, check its MD5, extract atomically; return its folder."""
     cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / BATCHES_DIRNAME
-    if _has_train_batches(target):
+    label, dirname, fix = archive.label, archive.dirname, archive.fix
+    target = cache_dir / dirname
+    if archive.complete(target):
         return target  # already there: no network, no checksum of local files (they may differ)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         # Temp file and temp dir live in cache_dir so os.replace() stays on one filesystem.
-        fd, archive_name = tempfile.mkstemp(
-            dir=cache_dir, prefix=".cifar-10-", suffix=".tar.gz.part"
-        )
+        prefix = "." + label.lower()
+        fd, archive_name = tempfile.mkstemp(dir=cache_dir, prefix=prefix + "-", suffix=".tar.gz.part")
     except OSError as err:
         raise UserError(
             f"cannot write to the cache dir {cache_dir} ({err}): set CIFAR_TRANSFER_CACHE to a "
-            f"writable folder or pass --data-dir DIR with an extracted {BATCHES_DIRNAME} folder"
+            f"writable folder or {fix}"
         ) from err
-    archive = Path(archive_name)
+    part = Path(archive_name)
     extract_dir: Path | None = None
     try:  # finally below removes the temp file/dir on every exit, Ctrl-C included
         try:
             with os.fdopen(fd, "wb") as out:
-                actual = _fetch(url, out, size)
+                actual = _fetch(url, out, size, archive)
         except OSError as err:  # only writes remain uncaught by _fetch: disk full, permissions
             raise UserError(
-                f"cannot write the CIFAR-10 download into {cache_dir} ({err}): free some space, "
+                f"cannot write the {label} download into {cache_dir} ({err}): free some space, "
                 f"set CIFAR_TRANSFER_CACHE elsewhere or pass --data-dir DIR"
             ) from err
         if actual != md5.lower():
             raise UserError(
-                f"CIFAR-10 archive from {url} has MD5 {actual}, expected {md5}: the download is "
-                f"corrupt or not the official archive; retry, or pass --data-dir DIR with an "
-                f"extracted {BATCHES_DIRNAME} folder"
+                f"{label} archive from {url} has MD5 {actual}, expected {md5}: the download is "
+                f"corrupt or not the official archive; retry, or {fix}"
             )
-        extract_dir = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".cifar-10-extract-"))
+        extract_dir = Path(tempfile.mkdtemp(dir=cache_dir, prefix=prefix + "-extract-"))
         try:
-            with tarfile.open(archive, "r:gz") as tar:
+            with tarfile.open(part, "r:gz") as tar:
                 # filter="data" refuses absolute paths, "..", links out of the tree, devices.
                 tar.extractall(extract_dir, filter="data")
         except (OSError, EOFError, tarfile.TarError) as err:  # TarError covers FilterError
             raise UserError(
-                f"cannot extract the CIFAR-10 archive from {url} ({err}): it is not a readable, "
-                f"safe tar.gz; pass --data-dir DIR with an extracted {BATCHES_DIRNAME} folder"
+                f"cannot extract the {label} archive from {url} ({err}): it is not a readable, "
+                f"safe tar.gz; {fix}"
             ) from err
-        extracted = extract_dir / BATCHES_DIRNAME
-        if not _has_train_batches(extracted):
+        extracted = extract_dir / dirname
+        if not archive.complete(extracted):
             raise UserError(
-                f"the archive from {url} has no {BATCHES_DIRNAME}/data_batch_1..5: it is not the "
-                f"CIFAR-10 python version; pass --data-dir DIR with an extracted "
-                f"{BATCHES_DIRNAME} folder"
+                f"the archive from {url} has no {dirname} folder with all its files: it is not the "
+                f"{label} python version; {fix}"
             )
-        if _has_train_batches(target):
+        if archive.complete(target):
             return target  # a concurrent run finished first; keep its copy
         if target.exists():
             shutil.rmtree(target)  # an incomplete leftover inside our own cache
         os.replace(extracted, target)
         return target
     finally:
-        archive.unlink(missing_ok=True)
+        part.unlink(missing_ok=True)
         if extract_dir is not None:
             shutil.rmtree(extract_dir, ignore_errors=True)
 
@@ -274,9 +292,8 @@ class _BatchUnpickler(pickle.Unpickler):
         return found
 
 
-def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read and check one batch file: (data uint8 (N,3072), labels int64 (N,))."""
-    fix = f"re-download CIFAR-10 or pass --data-dir with an intact {BATCHES_DIRNAME} folder"
+def read_pickle(path: Path, fix: str) -> Any:
+    """A CIFAR pickle (batch or meta) through the restricted unpickler; one line when unreadable."""
     try:
         with path.open("rb") as f:
             entry = _BatchUnpickler(f, path, fix).load()
@@ -290,13 +307,22 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         ) from err
     if not isinstance(entry, dict):
         raise UserError(
-            f"{path} is not a CIFAR-10 batch (a {type(entry).__name__}, not a dict): {fix}"
+            f"{path} is not a CIFAR batch (a {type(entry).__name__}, not a dict): {fix}"
         )
     # Batches re-pickled under Python 3 with bytes keys are common; accept them too.
-    entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
-    if "data" not in entry or "labels" not in entry:
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _read_batch(
+    path: Path, label_key: str = "labels", num_classes: int = len(CLASSES), label: str = "CIFAR-10",
+    dirname: str = BATCHES_DIRNAME,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check one batch file: (data uint8 (N,3072), labels int64 (N,))."""
+    fix = f"re-download {label} or pass --data-dir with an intact {dirname} folder"
+    entry = read_pickle(path, fix)
+    if "data" not in entry or label_key not in entry:
         raise UserError(
-            f"{path} lacks the 'data'/'labels' keys of a CIFAR-10 batch "
+            f"{path} lacks the 'data'/'{label_key}' keys of a {label} batch "
             f"(has {sorted(map(str, entry))}): {fix}"
         )
     data = entry["data"]
@@ -308,19 +334,19 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     ):
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise UserError(f"{path}: 'data' is {desc}, expected uint8 (N, {_IMAGE_VALUES}): {fix}")
-    labels = np.asarray(entry["labels"])
+    labels = np.asarray(entry[label_key])
     if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
         raise UserError(
-            f"{path}: 'labels' is {labels.dtype} {labels.shape}, expected N integers: {fix}"
+            f"{path}: '{label_key}' is {labels.dtype} {labels.shape}, expected N integers: {fix}"
         )
     if len(labels) != len(data):
         raise UserError(
             f"{path}: {len(labels)} labels for {len(data)} images, expected one each: {fix}"
         )
-    if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise UserError(
-            f"{path}: labels outside 0..{len(CLASSES) - 1} (found {labels.min()}..{labels.max()}): "
-            f"this is not CIFAR-10 (CIFAR-100 uses 'fine_labels'); {fix}"
+            f"{path}: labels outside 0..{num_classes - 1} (found {labels.min()}..{labels.max()}): "
+            f"this is not {label} (CIFAR-100 uses 'fine_labels'); {fix}"
         )
     return data, labels.astype(np.int64, copy=False)
 
@@ -376,13 +402,18 @@ def _stratified_pick(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
             quota[c] = int(counts[c])
             remaining -= quota[c]
             active.remove(c)
+    return torch.from_numpy(seeded_pick(labels_np, classes, quota, seed))
+
+
+def seeded_pick(labels: np.ndarray, classes: np.ndarray, quota, seed: int) -> np.ndarray:
+    """Sorted positions of quota[c] labels of each class c, drawn by seeded permutations."""
     generator = torch.Generator().manual_seed(seed)
     picked = [np.empty(0, dtype=np.int64)]
     for c, cls in enumerate(classes):
-        members = np.flatnonzero(labels_np == cls)
+        members = np.flatnonzero(labels == cls)
         order = torch.randperm(len(members), generator=generator).numpy()
         picked.append(members[order[: quota[c]]])
-    return torch.from_numpy(np.sort(np.concatenate(picked)))
+    return np.sort(np.concatenate(picked))
 
 
 def stratified_split(

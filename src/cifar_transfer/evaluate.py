@@ -43,8 +43,11 @@ def predict_logits(
     return torch.cat(out) if out else torch.empty(0, dim)
 
 
-def compute_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Accuracy, mean loss, per-class precision/recall/F1 and the confusion matrix (rows = true)."""
+def compute_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, names: Sequence[str] = CLASSES
+) -> dict:
+    """Accuracy, balanced accuracy, macro-F1, mean loss, per-class precision/recall/F1 and the
+    confusion matrix (rows = true)."""
     # Imported here, not at module level: scikit-learn (with scipy) takes most of a second to
     # import, which every command start (train, predict, export) would otherwise pay.
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -52,7 +55,7 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     labels = labels.cpu()
     pred = logits.argmax(1)
     y, p = labels.numpy(), pred.numpy()
-    classes = list(range(len(CLASSES)))
+    classes = list(range(len(names)))
     prec, rec, f1, support = precision_recall_fscore_support(
         y, p, labels=classes, zero_division=0
     )
@@ -60,7 +63,11 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
         "n": len(labels),
         "accuracy": float((pred == labels).float().mean()) if len(labels) else float("nan"),
         "loss": float(F.cross_entropy(logits, labels)) if len(labels) else float("nan"),
-        "classes": list(CLASSES),
+        # Mean recall over the classes present, and the unweighted mean F1: what imbalanced
+        # classes need next to accuracy (a majority-class guesser scores 1/classes on both).
+        "balanced_accuracy": float(rec[support > 0].mean()) if support.sum() else float("nan"),
+        "macro_f1": float(f1[support > 0].mean()) if support.sum() else float("nan"),
+        "classes": list(names),
         "per_class": {
             name: {
                 "precision": float(prec[i]),
@@ -68,7 +75,7 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
                 "f1": float(f1[i]),
                 "support": int(support[i]),
             }
-            for i, name in enumerate(CLASSES)
+            for i, name in enumerate(names)
         },
         "confusion_matrix": confusion_matrix(y, p, labels=classes).astype(np.int64).tolist(),
     }

@@ -1,6 +1,7 @@
 """ONNX and TorchScript export of a run's model, with resize + normalization inside the graph.
 
-An exported file takes raw images (N, 3, 32, 32) with values 0..255 and returns (N, classes)
+An exported file takes raw images (N, 3, S, S) with values 0..255 (S: 32 for CIFAR models, the
+storage size, model.json's `storage_size`, for models trained on a folder) and returns (N, classes)
 logits, so a consumer needs nothing from this package. Every export is checked against the
 PyTorch bundle on validation images before a single byte is written: a file that disagrees is
 never left behind.
@@ -41,15 +42,16 @@ ONNX_OPSET = 18
 
 
 class RawImageModel(nn.Module):
-    """(N, 3, 32, 32) images in 0..255 (uint8 or float) -> logits: the bundle's preprocessing inside."""
+    """(N, 3, S, S) images in 0..255 (uint8 or float) -> logits: the bundle's preprocessing inside."""
 
     def __init__(
-        self, model: nn.Module, resolution: int, mean: Sequence[float], std: Sequence[float]
+        self, model: nn.Module, resolution: int, mean: Sequence[float], std: Sequence[float],
+        storage_size: int = 32,
     ) -> None:
         super().__init__()
         self.model = model
         self.resolution = int(resolution)
-        self.resize = self.resolution != 32  # the input is CIFAR-sized by contract
+        self.resize = self.resolution != storage_size  # the input is storage-sized by contract
         # Same arithmetic and order as transforms.to_model_input (normalize, then bilinear resize), so
         # the exported graph reproduces the training-time input bit for bit where it can.
         self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
@@ -68,11 +70,14 @@ class RawImageModel(nn.Module):
 
 def exportable_model(model: nn.Module, meta: dict) -> RawImageModel:
     """Wrap a loaded bundle so it takes raw images; fp32, eval mode, on the CPU."""
-    return RawImageModel(model, meta["resolution"], meta["mean"], meta["std"]).float().cpu().eval()
+    return RawImageModel(
+        model, meta["resolution"], meta["mean"], meta["std"], meta.get("storage_size", 32)
+    ).float().cpu().eval()
 
 
 def export_metadata(meta: dict) -> dict:
     """What a lone exported file carries about itself (ONNX metadata_props, TorchScript model.json)."""
+    size = meta.get("storage_size", 32)
     return {
         "format": meta.get("format", FORMAT),
         "classes": list(meta["classes"]),
@@ -81,7 +86,9 @@ def export_metadata(meta: dict) -> dict:
         "resolution": meta["resolution"],
         "mean": list(meta["mean"]),
         "std": list(meta["std"]),
-        "input": "images: (N, 3, 32, 32) RGB, values 0..255; resize and normalization are inside",
+        "input": f"images: (N, 3, {size}, {size}) RGB, values 0..255; resize and normalization are inside",
+        "storage_size": size,
+        "data_kind": meta.get("data_kind", "cifar10"),
         "output": "logits: (N, classes); softmax gives probabilities",
     }
 

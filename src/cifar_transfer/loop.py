@@ -52,6 +52,7 @@ class PhaseInputs:
     augment: str = "none"
     channels_last: bool = True
     extract_seconds: float = 0.0  # time spent getting cached features (0 for raw images)
+    class_weights: torch.Tensor | None = None  # data.class_weights = "auto": loss weight per class
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """A batch as the network takes it."""
@@ -109,7 +110,9 @@ def train_one_epoch(
         x, y = inputs.train_batch(idx.to(device, non_blocking=True), distributed.shard(len(idx)), gen)
         with hardware.autocast(device, precision):
             logits = forward(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(
+            logits.float(), y, weight=inputs.class_weights, label_smoothing=label_smoothing
+        )
         finite = torch.isfinite(loss.detach())
         first_bad = torch.where(nonfinite | finite, first_bad, loss.detach())
         nonfinite |= ~finite

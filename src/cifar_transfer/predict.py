@@ -1,4 +1,9 @@
-"""Images in, top-k CIFAR-10 classes out: files, folders and globs, batched, PyTorch or ONNX."""
+"""Images in, top-k classes out: files, folders and globs, batched, PyTorch or ONNX.
+
+A photo becomes what the model trained on: a CIFAR model's 32x32 (the whole photo shrunk, as the
+CIFAR images were made), a folder model's storage size (shorter side resized, centre square, as
+folder.py decoded its training images; model.json's `storage_size` and `data_kind`).
+"""
 
 from __future__ import annotations
 
@@ -59,9 +64,10 @@ class Prediction:
 
 
 class Predictor(Protocol):
-    """Anything that turns uint8 (N, 3, 32, 32) images into (N, classes) logits."""
+    """Anything that turns uint8 (N, 3, S, S) images into (N, classes) logits."""
 
     classes: list[str]
+    geometry: tuple[int, bool]  # (S, centre-crop): how a photo becomes the model's input
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> float32 logits on the CPU."""
@@ -75,6 +81,7 @@ class TorchPredictor:
         # channels_last: measured 1.1-1.5x faster on this project's CPU (cnn, resnet18, lite0).
         self.model, self.meta = model.to(memory_format=torch.channels_last), meta
         self.classes = list(meta["classes"])
+        self.geometry = image_geometry(meta)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> float32 logits, resized and normalized the way training did."""
@@ -100,12 +107,24 @@ class OnnxPredictor:
                 f"`cifar-transfer export RUN_DIR --format onnx`"
             ) from None
         self.classes = onnx_classes(path, self.session)
+        props = self.session.get_modelmeta().custom_metadata_map
+        size = props.get("storage_size", "32")
+        self.geometry = image_geometry({
+            "storage_size": int(size) if size.isdigit() else 32, "data_kind": props.get("data_kind"),
+        })  # fmt: skip
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> float32 logits through onnxruntime."""
         from cifar_transfer.export import onnx_logits
 
         return onnx_logits(self.session, images, batch_size=max(1, len(images)))
+
+
+def image_geometry(meta: dict) -> tuple[int, bool]:
+    """(input size, centre-crop) of a model: CIFAR models take the whole photo at 32x32."""
+    size = meta.get("storage_size", 32)
+    size = size if isinstance(size, int) and not isinstance(size, bool) and 8 <= size <= 4096 else 32
+    return size, meta.get("data_kind") == "folder"
 
 
 def onnx_classes(path: Path, session: ort.InferenceSession) -> list[str]:
@@ -183,21 +202,35 @@ def expand_inputs(args: Sequence[str]) -> Iterator[Prediction]:
             yield Prediction(arg)
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """Any image PIL reads -> uint8 (3, 32, 32), downscaled the way CIFAR-10 images were made."""
+def read_image(path: Path, size: int = 32, crop: bool = False) -> torch.Tensor:
+    """Any image PIL reads -> uint8 (3, 32, 32), downscaled the way CIFAR-10 images were made;
+    with `crop`, (3, size, size) the way folder.py decoded a folder model's training images."""
+    if crop:
+        from cifar_transfer.folder import BadImage, decode_image
+
+        try:
+            return torch.from_numpy(decode_image(Path(path), size).copy()).permute(2, 0, 1)
+        except BadImage as e:
+            raise _Unreadable(str(e)) from None
     with warnings.catch_warnings():
         # Between MAX_IMAGE_PIXELS and twice that PIL only warns: refuse those images too.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             img.draft("RGB", (_DRAFT_SIZE, _DRAFT_SIZE))  # JPEG only; others decode as they are
-            img = img.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
             return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def _read(pred: Prediction) -> torch.Tensor | None:
+class _Unreadable(Exception):
+    """A file folder.decode_image could not decode; the message is the reason."""
+
+
+def _read(pred: Prediction, geometry: tuple[int, bool] = (32, False)) -> torch.Tensor | None:
     """The image of one entry, or None with the entry's error set: one bad file stops nothing."""
     try:
-        return read_image(Path(pred.path))
+        return read_image(Path(pred.path), *geometry) if geometry != (32, False) else read_image(Path(pred.path))
+    except _Unreadable as e:
+        pred.error = str(e)
     except FileNotFoundError:
         pred.error = "no such file"
     except IsADirectoryError:
@@ -216,7 +249,8 @@ def _predict_batches(
 ) -> Iterator[list[Prediction]]:
     read_batch = max(READ_BATCH, batch_size)
     while chunk := list(islice(entries, read_batch)):
-        ok = [(pred, img) for pred in chunk if not pred.error and (img := _read(pred)) is not None]
+        geometry = getattr(predictor, "geometry", (32, False))
+        ok = [(p, img) for p in chunk if not p.error and (img := _read(p, geometry)) is not None]
         for start in range(0, len(ok), batch_size):
             part = ok[start : start + batch_size]
             probs = predictor.logits(torch.stack([img for _, img in part])).softmax(1)

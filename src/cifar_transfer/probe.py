@@ -59,6 +59,7 @@ def sweep(
     l2_values: list[float],
     num_classes: int = 10,
     max_iter: int = MAX_ITER,
+    class_weights: torch.Tensor | None = None,
 ) -> Iterator[ProbeFit]:
     """Fit one probe per L2 penalty, strongest first (warm starts); yield each fit as it lands.
 
@@ -79,7 +80,7 @@ def sweep(
 
         def closure(opt: torch.optim.LBFGS = opt, l2: float = l2) -> torch.Tensor:
             opt.zero_grad()
-            loss = F.cross_entropy(z @ w.T + b, y) + 0.5 * l2 * (w * w).sum()
+            loss = F.cross_entropy(z @ w.T + b, y, weight=class_weights) + 0.5 * l2 * (w * w).sum()
             loss.backward()
             return loss
 
@@ -102,7 +103,9 @@ def run_probe_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs) -> None:
     assert isinstance(head, torch.nn.Linear)  # config validation: lbfgs needs a linear head
     t0 = time.perf_counter()
     best: tuple[tuple[float, float], ProbeFit, dict] | None = None  # (score, fit, head weights)
-    for n, fit in enumerate(sweep(inputs.train_x, inputs.train_y, phase.l2_values, head.out_features), 1):
+    fits = sweep(inputs.train_x, inputs.train_y, phase.l2_values, head.out_features,
+                 class_weights=inputs.class_weights)  # fmt: skip
+    for n, fit in enumerate(fits, 1):
         if not (torch.isfinite(fit.weight).all() and torch.isfinite(fit.bias).all()):
             raise UserError(
                 f"the probe of phase {phase.name!r} diverged at l2 {fit.l2:g} (non-finite weights): "

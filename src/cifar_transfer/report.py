@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 GRID = 16  # images per sample grid (4 x 4)
+MATRIX_CLASSES = 20  # above this a confusion heatmap is unreadable: the most-confused pairs stay
+PAIRS = 20  # rows of the most-confused pairs table
 SAMPLE_SEED = 0
 DPI = 110
 OK_COLOUR, BAD_COLOUR = "#1a7f37", "#cf222e"
@@ -318,6 +320,30 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
+def confused_pairs(matrix: list[list[int]], classes: list[str], k: int = PAIRS) -> list[tuple]:
+    """The k largest off-diagonal cells: (true, predicted, count, share of the true class)."""
+    cm = np.asarray(matrix, dtype=np.int64)
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:k]
+    rows = cm.sum(1)
+    return [
+        (classes[i], classes[j], int(off[i, j]), off[i, j] / rows[i] if rows[i] else 0.0)
+        for i, j in zip(*np.unravel_index(order, cm.shape)) if off[i, j] > 0
+    ]
+
+
+def _pairs_table(pairs: list[tuple]) -> str:
+    if not pairs:
+        return "<p>No confusions: every image was predicted correctly.</p>"
+    head = "<tr><th>true class</th><th>predicted as</th><th>images</th><th>share of true class</th></tr>"
+    body = "".join(
+        f"<tr><td>{_esc(t)}</td><td>{_esc(p)}</td><td class=num>{n}</td><td class=num>{s:.1%}</td></tr>"
+        for t, p, n, s in pairs
+    )
+    return f"<table>{head}{body}</table>"
+
+
 def _per_class_table(per_class: dict[str, dict], classes: list[str]) -> str:
     head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
     body = "".join(
@@ -340,6 +366,9 @@ def render_html(
         ("best val accuracy (training)", _pct(meta.get("val_acc"))),
         (f"{split} accuracy (evaluate)", _pct(evaluation["accuracy"]) if evaluation else "n/a"),
         (f"{split} loss", f"{evaluation['loss']:.4f}" if evaluation else "n/a"),
+        *([(f"{split} balanced accuracy", _pct(evaluation["balanced_accuracy"])),
+           (f"{split} macro-F1", f"{evaluation['macro_f1']:.4f}")]
+          if evaluation and "balanced_accuracy" in evaluation and "macro_f1" in evaluation else []),
         ("epochs run", str(meta.get("epochs_run", len(rows)))),
         ("training time", _duration(sum(r.get("seconds", 0.0) + r.get("extract_seconds", 0.0)
                                         for r in rows))),
@@ -370,15 +399,18 @@ def render_html(
     if evaluation:
         n = evaluation.get("n", "?")
         tta = ", flip TTA" if evaluation.get("tta") else ""
-        parts.append(_img(
-            figures["confusion"], "confusion matrix",
-            f"{split} split, {n} images{tta}. Numbers are counts; colour is the share of the "
-            f"true class's images (each row sums to 100%).",
-        ))
+        if "confusion" in figures:
+            parts.append(_img(
+                figures["confusion"], "confusion matrix",
+                f"{split} split, {n} images{tta}. Numbers are counts; colour is the share of the "
+                f"true class's images (each row sums to 100%).",
+            ))
         classes = evaluation["classes"]
+        parts.append(f"<h3>Most-confused pairs ({split} split, {n} images{tta})</h3>")
+        parts.append(_pairs_table(confused_pairs(evaluation["confusion_matrix"], classes)))
         parts.append("<h2 id=per-class>Per-class precision and recall</h2>")
-        parts.append("<div class=two>" + _img(figures["per_class"], "per-class precision and recall")
-                     + _per_class_table(evaluation["per_class"], classes) + "</div>")
+        bars = _img(figures["per_class"], "per-class precision and recall") if "per_class" in figures else ""
+        parts.append("<div class=two>" + bars + _per_class_table(evaluation["per_class"], classes) + "</div>")
     else:
         parts.append("<p>No evaluation available (see the note above).</p>")
     no_images = "<p>Not available without the images (see the note above).</p>"
@@ -434,7 +466,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None) -> dict:
     figures: dict[str, bytes] = {}
     if rows:
         figures["curves"] = png_bytes(curves_figure(rows))
-    if evaluation:
+    if evaluation and len(classes) <= MATRIX_CLASSES:  # beyond, the pairs table and class table
         figures["confusion"] = png_bytes(confusion_figure(evaluation["confusion_matrix"], classes))
         figures["per_class"] = png_bytes(per_class_figure(evaluation["per_class"], classes))
     if preds is not None and len(preds.split.labels):

@@ -19,7 +19,7 @@ import contextlib
 import json
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 from cifar_transfer import runlock
 from cifar_transfer.checkpoint import is_temp_file, remove_stale_temp_files
 from cifar_transfer.config import Config, config_from_dict
-from cifar_transfer.data import load_split, resolve_data_dir, stratified_split
+from cifar_transfer.data import CLASSES
 from cifar_transfer.errors import UserError
 
 CONFIG = "config.toml"
@@ -136,16 +136,10 @@ class RunSplit:
     """The images a run is judged on: its own validation split (or test_batch without one)."""
 
     name: str
-    images: torch.Tensor  # uint8 (N, 3, 32, 32)
+    images: torch.Tensor  # uint8 (N, 3, S, S): S = 32 for CIFAR, the storage size for folders
     labels: torch.Tensor  # int64 (N,)
     data_dir: Path
-
-
-def val_split(cfg: Config, batches: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's seeded, stratified validation images and labels, as training drew them."""
-    x, y = load_split(batches, "train")
-    _, val_idx = stratified_split(y, cfg.data.val_size, cfg.data.seed)
-    return x[val_idx], y[val_idx]
+    classes: list[str] = field(default_factory=lambda: list(CLASSES))
 
 
 def run_split(
@@ -153,16 +147,24 @@ def run_split(
     purpose: str = "this needs",
 ) -> RunSplit:
     """Re-create a run's images: `split` "val", "test", or "" for val (test when val_size=0)."""
+    from cifar_transfer.datasets import load_test, load_train_val
+
     cfg = load_run_config(run_dir)
-    if split == "val" and cfg.data.val_size == 0:
-        raise UserError(f"run {run_dir} trained with data.val_size=0: evaluate it with --split test")
-    split = split or ("val" if cfg.data.val_size > 0 else "test")
     try:
-        batches = resolve_data_dir(data_dir or cfg.data.data_dir or None)
-        if split == "val":
-            return RunSplit("val", *val_split(cfg, batches), batches)
-        return RunSplit("test", *load_split(batches, "test"), batches)
+        if split != "test":
+            s = load_train_val(cfg, data_dir, progress=False, with_fingerprint=False)
+            if len(s.val_y) or split == "val":
+                if not len(s.val_y):
+                    raise UserError(
+                        f"run {run_dir} trained with data.val_size=0: evaluate it with --split test"
+                    )
+                return RunSplit("val", s.val_x, s.val_y, s.source.root, s.source.classes)
+        x, y, src = load_test(cfg, data_dir)
+        return RunSplit("test", x, y, src.root, src.classes)
     except UserError as e:
+        if "val_size=0" in str(e):
+            raise
         fix = "" if "--data-dir" in str(e) else (
-            "; pass --data-dir pointing at the cifar-10-batches-py folder the run trained on")
-        raise UserError(f"{purpose} the run's CIFAR-10 images: {e}{fix}") from None
+            "; pass --data-dir pointing at the data folder the run trained on")
+        kind = "CIFAR-10 " if cfg.data.kind in ("auto", "cifar10") and not cfg.data.data_dir else ""
+        raise UserError(f"{purpose} the run's {kind}images: {e}{fix}") from None

@@ -54,7 +54,7 @@ def predict_split(run_dir: str | Path, split: RunSplit, tta: bool = False) -> Pr
 
 def evaluation(preds: Predictions, tta: bool = False) -> dict:
     """compute_metrics plus what the figures were measured on (eval-<split>.json's content)."""
-    result = compute_metrics(preds.logits, preds.split.labels)
+    result = compute_metrics(preds.logits, preds.split.labels, preds.split.classes)
     result.update({
         "split": preds.split.name, "tta": tta, "precision": preds.precision,
         "data_dir": str(preds.split.data_dir),

@@ -22,13 +22,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from cifar_transfer import bundle, distributed, hardware, probe, rundir
 from cifar_transfer.checkpoint import Best, TrainState, atomic_write_text, save_safetensors
 from cifar_transfer.config import Config, to_toml
-from cifar_transfer.data import (
-    default_cache_dir,
-    load_split,
-    resolve_data_dir,
-    stratified_split,
-    stratified_subset,
-)
+from cifar_transfer.data import default_cache_dir
+from cifar_transfer.datasets import class_weights, load_train_val
 from cifar_transfer.errors import UserError
 from cifar_transfer.features import (
     cache_key,
@@ -54,21 +49,16 @@ class Data:
     val_x: torch.Tensor
     val_y: torch.Tensor
     fingerprint: str  # of every image and label read: a resumed run checks it is the same data
+    classes: list[str]
+    storage_size: int  # images are (3, S, S)
+    kind: str  # cifar10 | cifar100 | folder (datasets.py)
 
 
-def load_data(cfg: Config, device: torch.device) -> Data:
-    """Read CIFAR-10's training split, split off validation, cap training images, move to device."""
-    x, y = load_split(resolve_data_dir(cfg.data.data_dir or None), "train")
-    data_fp = fingerprint(x, y)
-    if cfg.data.val_size >= len(y):
-        raise UserError(
-            f"bad value for data.val_size: {cfg.data.val_size} leaves no training images "
-            f"(the split has {len(y)}): use a smaller value"
-        )
-    train_idx, val_idx = stratified_split(y, cfg.data.val_size, cfg.data.seed)
-    if cfg.data.train_limit:
-        train_idx = stratified_subset(train_idx, y, cfg.data.train_limit, cfg.data.seed)
-    return Data(*(t.to(device) for t in (x[train_idx], y[train_idx], x[val_idx], y[val_idx])), data_fp)
+def load_data(cfg: Config, device: torch.device, progress: bool = True) -> Data:
+    """Read the dataset's training split, split off validation, cap training images, move to device."""
+    s = load_train_val(cfg, progress=progress)
+    tensors = (t.to(device) for t in (s.train_x, s.train_y, s.val_x, s.val_y))
+    return Data(*tensors, s.fingerprint, s.source.classes, s.source.storage_size, s.source.kind)
 
 
 def check_batch_sizes(cfg: Config, world: int) -> None:
@@ -101,7 +91,7 @@ class Run:
         self.device = distributed.rank_device(hardware.pick_device(cfg.run.device))
         self.state = TrainState.load(self.out / rundir.LAST, signature(cfg)) if resume else None
         torch.manual_seed(cfg.run.seed)
-        self.data = load_data(cfg, self.device)
+        self.data = load_data(cfg, self.device, progress and self.main)
         if self.state is not None and self.state.data != self.data.fingerprint:
             raise UserError(
                 f"the images in {cfg.data.data_dir or 'the download cache'} are not the images "
@@ -109,7 +99,9 @@ class Run:
             )
         # Resuming needs no weights source: the checkpoint holds every weight.
         weights = "none" if self.state is not None else cfg.model.weights
-        self.model = create_model(cfg.model.backbone, weights, cfg.model.head).to(self.device)
+        self.model = create_model(
+            cfg.model.backbone, weights, cfg.model.head, num_classes=len(self.data.classes)
+        ).to(self.device)
         if distributed.world_size() > 1:  # BatchNorm over the global batch, as one process would
             self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         if cfg.run.channels_last:
@@ -173,9 +165,12 @@ class Run:
         tensors, seconds = (d.train_x, d.train_y, d.val_x), 0.0
         if plan.cached:
             *tensors, seconds = frozen_features(self, plan)
+        weights = None
+        if self.cfg.data.class_weights == "auto":
+            weights = class_weights(d.train_y, len(d.classes))
         return PhaseInputs(
             *tensors, d.val_y, plan.cached, plan.resolution, spec.mean, spec.std,
-            plan.phase.augment, self.cfg.run.channels_last, seconds,
+            plan.phase.augment, self.cfg.run.channels_last, seconds, weights,
         )
 
     def fit(self) -> dict:
@@ -213,6 +208,8 @@ class Run:
             "val_acc": final.acc if final.epoch > 0 else None, "best_epoch": best.epoch,
             "epochs_run": self.log.epochs,
             "train_images": len(self.data.train_y), "val_images": len(self.data.val_y),
+            "classes": list(self.data.classes), "storage_size": self.data.storage_size,
+            "data_kind": self.data.kind,
             **hardware.describe(self.device, final.precision),
         }  # fmt: skip
         if self.main:
