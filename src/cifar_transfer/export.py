@@ -1,7 +1,8 @@
 """ONNX and TorchScript export of a run's model, with resize + normalization inside the graph.
 
 An exported file takes raw images (N, 3, 32, 32) with values 0..255 and returns (N, classes)
-logits, so a consumer needs nothing from this package. Every export is checked against the
+logits, calibrated (divided by the bundle's temperature inside the graph), so a consumer needs
+nothing from this package. Every export is checked against the
 PyTorch bundle on validation images before a single byte is written: a file that disagrees is
 never left behind.
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_transfer.bundle import FORMAT, load_model
+from cifar_transfer.bundle import FORMAT, load_model, temperature_of
 from cifar_transfer.checkpoint import atomic_write_bytes
 from cifar_transfer.errors import UserError
 from cifar_transfer.evaluate import predict_logits
@@ -82,7 +83,9 @@ def export_metadata(meta: dict) -> dict:
         "mean": list(meta["mean"]),
         "std": list(meta["std"]),
         "input": "images: (N, 3, 32, 32) RGB, values 0..255; resize and normalization are inside",
-        "output": "logits: (N, classes); softmax gives probabilities",
+        "output": "logits: (N, classes), calibrated (divided by `temperature` inside); "
+        "softmax gives probabilities",
+        "temperature": temperature_of(meta),
     }
 
 
