@@ -184,8 +184,9 @@ def suspected_label_errors(probs: torch.Tensor, labels: torch.Tensor, limit: int
     """Images the model most strongly says are another class than their label, worst first.
 
     Confident learning's rule: class j's threshold is the mean probability of j over the images
-    labelled j; an image labelled i is suspect when some j != i reaches its threshold (the most
-    probable such j is the suggestion). Ranked by p(suggested) - p(given).
+    labelled j; an image is suspect when, of the classes at or above their thresholds, the most
+    probable is not its label and is more probable than its label (that class is the
+    suggestion). Ranked by p(suggested) - p(given).
     """
     p = probs.detach().to(torch.float64).cpu()
     y = labels.cpu().long()
@@ -196,12 +197,10 @@ def suspected_label_errors(probs: torch.Tensor, labels: torch.Tensor, limit: int
     for j in range(k):
         if (y == j).any():
             thresholds[j] = p[y == j, j].mean()
-    above = p >= thresholds
-    above[torch.arange(n), y] = False
-    candidates = torch.where(above, p, torch.full_like(p, -1.0))
+    candidates = torch.where(p >= thresholds, p, torch.full_like(p, -1.0))
     p_other, other = candidates.max(1)
-    suspect = torch.nonzero(p_other >= 0).flatten()
     p_given = p[torch.arange(n), y]
+    suspect = torch.nonzero((other != y) & (p_other > p_given)).flatten()
     margin = p_other[suspect] - p_given[suspect]
     order = suspect[torch.argsort(margin, descending=True, stable=True)][:limit]
     return [
