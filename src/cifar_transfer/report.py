@@ -23,6 +23,13 @@ import torch
 from cifar_transfer.bundle import read_meta
 from cifar_transfer.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 from cifar_transfer.errors import UserError
+from cifar_transfer.report_calibration import (
+    calibration_figures,
+    calibration_sections,
+    interval_text,
+    size_notes,
+    usable_calibration,
+)
 from cifar_transfer.rundir import CONFIG, eval_file, load_run_config, read_metrics, run_split
 from cifar_transfer.runs import Predictions, evaluation, predict_split
 
@@ -49,7 +56,7 @@ def eval_results(run_dir: Path, preds: Predictions | None) -> dict | None:
                 found = json.loads(path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
                 break  # a damaged file is re-made below when we can
-            if _usable_eval(found) and (preds is None or "calibration" in found):
+            if _usable_eval(found) and (preds is None or usable_calibration(found)):
                 return found  # one from before calibration is re-made when the images are here
             break  # so is one whose values are not what evaluate writes (edited, or another tool's)
     if preds is None:
@@ -335,8 +342,6 @@ def render_html(
     """The whole report as one HTML string (figures inlined as data URIs, no external files)."""
     title = f"cifar-transfer run {run_dir.resolve().name}"
     split = evaluation.get("split", "val") if evaluation else "val"
-    from cifar_transfer.report_calibration import calibration_sections, interval_text
-
     train_acc, val_n = meta.get("val_acc"), meta.get("val_images")
     ev_acc = (evaluation["accuracy"], evaluation.get("n")) if evaluation else (None, None)
     cards = [
@@ -433,8 +438,6 @@ def build_report(run_dir: str | Path, data_dir: str | None = None) -> dict:
         preds = predict_split(run_dir, run_split(run_dir, data_dir, purpose="the sample grids need"))
     except UserError as e:
         notes.append(str(e))
-    from cifar_transfer.report_calibration import calibration_figures, size_notes
-
     evaluation = eval_results(run_dir, preds)
     classes = list(evaluation["classes"]) if evaluation else list(meta["classes"])
 
