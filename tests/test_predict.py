@@ -69,7 +69,7 @@ def test_empty_folder_and_unmatched_glob_are_reported_and_the_rest_predicted(run
     ) in err
     assert main(["predict", str(run), str(empty), "--json"]) == 1
     (entry,) = json.loads(capsys.readouterr().out)
-    assert entry == {"path": str(empty), "top": [], "error": no_images}
+    assert entry == {"path": str(empty), "class": None, "top": [], "error": no_images}
 
 
 def test_batches_give_the_same_answer_as_one_pass(run, folder):

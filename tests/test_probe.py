@@ -15,6 +15,7 @@ from cifar_transfer import probe
 from cifar_transfer import train as train_mod
 from cifar_transfer.config import apply_overrides, load_recipe
 from cifar_transfer.errors import UserError
+from cifar_transfer.runs import calibrate_run
 
 
 def blobs(n: int = 600, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,15 +61,20 @@ def tiny_probe(cifar_dir, *extra: str):
     ])  # fmt: skip
 
 
-def test_lbfgs_phase_writes_a_row_per_penalty_and_keeps_the_best(cifar_dir, tmp_path):
+def test_lbfgs_phase_writes_a_row_per_penalty_and_keeps_the_best(cifar_dir, tmp_path, monkeypatch):
     cfg = tiny_probe(cifar_dir)
-    summary = train_mod.train(cfg, tmp_path / "run", progress=False)
+    with monkeypatch.context() as m:  # the temperature is fitted on the cached val features
+        m.setattr(train_mod, "predict_logits", lambda *a, **k: pytest.fail("a second val pass"))
+        summary = train_mod.train(cfg, tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["l2"] for r in rows] == [1e-1, 1e-3, 1e-5]
     best = max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
     assert summary["val_acc"] == pytest.approx(best["val_acc"])
     assert best["val_acc"] > 0.3, "a linear probe on random resnet18 features is far above chance"
     assert "extract_seconds" in rows[0]
+    # ... to what `calibrate` fits from a fresh pass of the bundle over the images
+    fresh = calibrate_run(tmp_path / "run")["calibration"]["temperature"]
+    assert fresh == pytest.approx(summary["temperature"], rel=1e-3)
 
 
 def test_cached_flips_fit_the_probe_on_each_image_and_its_mirror(cifar_dir, tmp_path, monkeypatch):

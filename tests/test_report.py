@@ -21,9 +21,12 @@ from cifar_transfer.report import confident_mistakes, curves_figure, sample_indi
 
 SECTIONS = (
     "Training curves", "Confusion matrix", "Per-class precision and recall", "Sample predictions",
-    "Most confident mistakes", "Environment", "Resolved config",
+    "Most confident mistakes", "Calibration", "Abstaining: coverage vs accuracy",
+    "Suspected label errors", "Environment", "Resolved config",
 )  # fmt: skip
-FIGURES = ("curves", "confusion", "per-class", "samples", "mistakes")
+FIGURES = (
+    "curves", "confusion", "per-class", "samples", "mistakes", "reliability", "coverage", "suspects",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +143,8 @@ def test_report_without_the_images_still_shows_curves_and_metrics(run, tmp_path,
     captured = capsys.readouterr()
     assert captured.err.startswith("note: the sample grids need") and "--data-dir" in captured.err
     html = (copy / "report.html").read_text()
-    assert html.count("<img ") == 3 and "Not available without the images" in html
+    # curves, confusion, per-class, and from eval-val.json the reliability and coverage plots
+    assert html.count("<img ") == 5 and "Not available without the images" in html
     assert not (copy / "samples.png").exists()
 
 
@@ -196,3 +200,22 @@ def test_an_edited_eval_json_never_reaches_the_report_as_markup(run, tmp_path):
     html = (sent / "report.html").read_text()
     assert "onerror" not in html and "<img src=x" not in html
     assert json.loads((sent / "eval-val.json").read_text())["per_class"][first]["support"] == 10
+
+
+def test_report_gives_intervals_calibration_and_says_when_val_is_too_small(run, tmp_path):
+    html = (run / "report.html").read_text()
+    saved = json.loads((run / "eval-val.json").read_text())
+    lo, hi = saved["accuracy_ci95"]
+    assert f"95% CI {lo:.2%}-{hi:.2%}, 100 images" in html  # on the accuracy cards
+    assert "too small to separate figures" in html  # 100 val images: +-11 points
+    t = json.loads((run / "model.json").read_text())["temperature"]
+    assert f"after (T = {t:.3f})" in html and "2-fold check" in html
+    # An edited calibration part is never drawn or copied: the report evaluates again.
+    sent = Path(shutil.copytree(run, tmp_path / "sent"))
+    evil = json.loads((sent / "eval-val.json").read_text())
+    evil["calibration"]["after"]["ece"] = "<b>0</b>"
+    evil["suspected_label_errors"] = [{"index": 0, "given": 99, "suggested": 0}]
+    (sent / "eval-val.json").write_text(json.dumps(evil))
+    assert main(["report", str(sent)]) == 0
+    assert "<b>0</b>" not in (sent / "report.html").read_text()
+    assert json.loads((sent / "eval-val.json").read_text())["calibration"]["after"]["ece"] >= 0

@@ -86,14 +86,23 @@ def _meta_problem(meta: dict[str, Any]) -> str:
             return f"has {key} {v!r}, expected 3 numbers (R, G, B)"
     if not all(x > 0 for x in meta["std"]):
         return f"has std {meta['std']!r}, expected 3 positive numbers"
+    t = meta.get("temperature", 1.0)  # absent in bundles from before calibration: T = 1
+    if not _is_number(t) or t <= 0:
+        return f"has temperature {t!r}, expected a positive number"
     return ""
+
+
+def temperature_of(meta: dict[str, Any]) -> float:
+    """The bundle's fitted temperature; 1.0 (no scaling) for a bundle without one."""
+    return float(meta.get("temperature", 1.0))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a trained model from a run dir or its model.safetensors, in eval mode.
 
     The weights are in channels_last memory format, as training (by default) and predict use them;
-    it takes NCHW-contiguous and channels_last inputs alike.
+    it takes NCHW-contiguous and channels_last inputs alike. Its logits are calibrated: divided by
+    model.json's temperature (model.temperature; 1.0 when the bundle has none).
     """
     from cifar_transfer.models import create_model
 
@@ -112,4 +121,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise UserError(f"{weights} does not fit {meta['backbone']}/{meta['head']} ({first})") from None
+    model.temperature = temperature_of(meta)
     return model.to(device, memory_format=torch.channels_last).eval(), meta

@@ -71,20 +71,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cifar_transfer.runs import evaluate_run
+    from cifar_transfer.runs import evaluate_run, evaluation_lines
 
-    result = evaluate_run(Path(args.run_dir), args.split, args.data_dir, tta=args.tta)
-    print(
-        f"{args.split} accuracy {result['accuracy']:.4f} (balanced {result['balanced_accuracy']:.4f}, "
-        f"macro-F1 {result['macro_f1']:.4f}) on {result['n']} images"
-        f"{' (flip TTA)' if args.tta else ''}; wrote {result['path']}"
+    result = evaluate_run(
+        Path(args.run_dir), args.split, args.data_dir, tta=args.tta, min_confidence=args.min_confidence
     )
+    print("\n".join(evaluation_lines(result)) + f"\nwrote {result['path']}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from cifar_transfer.runs import calibrate_run, evaluation_lines
+
+    result = calibrate_run(Path(args.run_dir), args.data_dir)
+    print("\n".join(evaluation_lines(result)))
+    print(f"wrote temperature {result['calibration']['temperature']:.4f} into {result['path']}")
+    for path in result["stale_exports"]:
+        print(f"note: {path} holds the old temperature: export it again", file=sys.stderr)
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from cifar_transfer.calibration import check_min_confidence
     from cifar_transfer.predict import iter_predictions, load_predictor
 
+    check_min_confidence(args.min_confidence)
     predictor = load_predictor(args.model)
     batches = iter_predictions(predictor, args.images, top_k=args.top, batch_size=args.batch_size)
     failed, opening = 0, "[\n"
@@ -94,10 +105,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 failed += 1
                 print(f"error: {pred.path}: {pred.error}", file=sys.stderr)
             if args.json:  # one JSON array, written item by item
-                print(opening + textwrap.indent(json.dumps(pred.to_json(), indent=2), "  "), end="")
+                entry = pred.to_json(args.min_confidence)
+                print(opening + textwrap.indent(json.dumps(entry, indent=2), "  "), end="")
                 opening = ",\n"
             elif not pred.error:
-                print(f"{pred.path}: " + ", ".join(f"{name} {p:.3f}" for name, p in pred.top))
+                unknown = "unknown: " if pred.label(args.min_confidence) is None else ""
+                print(f"{pred.path}: {unknown}" + ", ".join(f"{name} {p:.3f}" for name, p in pred.top))
         sys.stdout.flush()
     if args.json:
         print("\n]")
@@ -195,7 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="CIFAR-10 folder (default: the one the run trained on)")
     p.add_argument("--split", choices=["val", "test"], default="val")
     p.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    p.add_argument(
+        "--min-confidence", type=float, metavar="P",
+        help="also report coverage and accuracy when answering only above probability P",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="fit a finished run's temperature on its validation split")
+    p.add_argument("run_dir")
+    p.add_argument("--data-dir", help="CIFAR-10 folder (default: the one the run trained on)")
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("predict", help="top classes of image files, folders or globs")
     p.add_argument("model", metavar="MODEL", help="run dir, model.safetensors, or an exported .onnx")
@@ -203,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3, help="how many classes to show (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument(
+        "--min-confidence", type=float, metavar="P",
+        help="label an image unknown unless its top probability is above P (0 to 1)",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("report", help="plots and a self-contained report.html in the run dir")

@@ -2,7 +2,8 @@
 
 An exported file takes raw images (N, 3, S, S) with values 0..255 (S: 32 for CIFAR models, the
 storage size, model.json's `storage_size`, for models trained on a folder) and returns (N, classes)
-logits, so a consumer needs nothing from this package. Every export is checked against the
+logits, calibrated (divided by the bundle's temperature inside the graph), so a consumer
+needs nothing from this package. Every export is checked against the
 PyTorch bundle on validation images before a single byte is written: a file that disagrees is
 never left behind.
 """
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_transfer.bundle import FORMAT, load_model
+from cifar_transfer.bundle import FORMAT, load_model, temperature_of
 from cifar_transfer.checkpoint import atomic_write_bytes
 from cifar_transfer.errors import UserError
 from cifar_transfer.evaluate import predict_logits
@@ -89,7 +90,9 @@ def export_metadata(meta: dict) -> dict:
         "input": f"images: (N, 3, {size}, {size}) RGB, values 0..255; resize and normalization are inside",
         "storage_size": size,
         "data_kind": meta.get("data_kind", "cifar10"),
-        "output": "logits: (N, classes); softmax gives probabilities",
+        "output": "logits: (N, classes), calibrated (divided by `temperature` inside); "
+        "softmax gives probabilities",
+        "temperature": temperature_of(meta),
     }
 
 

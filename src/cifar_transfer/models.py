@@ -34,14 +34,20 @@ class TransferModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self._frozen_bn: tuple[str, ...] = ()  # module names, so deepcopy (EMA) carries them
+        # Temperature scaling (calibration.py): a plain float, not a buffer, so the weights file
+        # is unchanged; load_model sets it from model.json, and exports trace it as a constant.
+        self.temperature = 1.0
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Normalized images -> what the head consumes (pooled features or ImageNet logits)."""
         return self.backbone(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Normalized images -> (B, num_classes) logits."""
-        return self.head(self.forward_features(x))
+        """Normalized images -> (B, num_classes) logits (divided by the temperature, in float32)."""
+        logits = self.head(self.forward_features(x))
+        if self.temperature != 1.0:  # float32 first: bf16 rounding after / T could tie two classes
+            logits = logits.float() / self.temperature
+        return logits
 
     def train(self, mode: bool = True) -> TransferModel:
         """Set train/eval mode, but frozen BatchNorm always stays in eval (stats untouched)."""

@@ -54,10 +54,18 @@ class Prediction:
     top: list[tuple[str, float]] = field(default_factory=list)
     error: str = ""
 
-    def to_json(self) -> dict:
-        """{path, top: [{class, prob}], error (null when fine)} for --json."""
+    def label(self, min_confidence: float | None = None) -> str | None:
+        """The top class, or None (unknown) when its probability is not above `min_confidence`
+        (so 0 labels every image and 1.0 none) or the image could not be read."""
+        if not self.top or (min_confidence is not None and self.top[0][1] <= min_confidence):
+            return None
+        return self.top[0][0]
+
+    def to_json(self, min_confidence: float | None = None) -> dict:
+        """{path, class (null: unknown or unread), top: [{class, prob}], error (null when fine)}."""
         return {
             "path": self.path,
+            "class": self.label(min_confidence),
             "top": [{"class": name, "prob": prob} for name, prob in self.top],
             "error": self.error or None,
         }

@@ -23,6 +23,13 @@ import torch
 from cifar_transfer.bundle import read_meta
 from cifar_transfer.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 from cifar_transfer.errors import UserError
+from cifar_transfer.report_calibration import (
+    calibration_figures,
+    calibration_sections,
+    interval_text,
+    size_notes,
+    usable_calibration,
+)
 from cifar_transfer.rundir import CONFIG, eval_file, load_run_config, read_metrics, run_split
 from cifar_transfer.runs import Predictions, evaluation, predict_split
 
@@ -51,8 +58,8 @@ def eval_results(run_dir: Path, preds: Predictions | None) -> dict | None:
                 found = json.loads(path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
                 break  # a damaged file is re-made below when we can
-            if _usable_eval(found):
-                return found
+            if _usable_eval(found) and (preds is None or usable_calibration(found)):
+                return found  # one from before calibration is re-made when the images are here
             break  # so is one whose values are not what evaluate writes (edited, or another tool's)
     if preds is None:
         return None
@@ -217,12 +224,11 @@ def per_class_figure(per_class: dict[str, dict], classes: list[str]) -> Figure:
 
 def image_grid_figure(
     images: torch.Tensor, true: list[int], pred: list[int], prob: list[float], classes: list[str],
-    title: str,
+    title: str, cols: int = 4,
 ) -> Figure:
-    """Up to 16 images, 4 per row, each titled true / predicted; wrong ones framed red with a cross."""
-    cols = 4
+    """Images, `cols` per row, each titled true / predicted; wrong ones framed red with a cross."""
     rows = max(1, -(-len(images) // cols))
-    fig = _figure(8.0, 2.35 * rows + 0.5)
+    fig = _figure(2.0 * cols, 2.35 * rows + 0.5)
     fig.get_layout_engine().set(h_pad=0.14, hspace=0.02)  # a clear gap: each title sits on its image
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for k, ax in enumerate(axes):
@@ -362,9 +368,12 @@ def render_html(
     """The whole report as one HTML string (figures inlined as data URIs, no external files)."""
     title = f"cifar-transfer run {run_dir.resolve().name}"
     split = evaluation.get("split", "val") if evaluation else "val"
+    train_acc, val_n = meta.get("val_acc"), meta.get("val_images")
+    ev_acc = (evaluation["accuracy"], evaluation.get("n")) if evaluation else (None, None)
     cards = [
-        ("best val accuracy (training)", _pct(meta.get("val_acc"))),
-        (f"{split} accuracy (evaluate)", _pct(evaluation["accuracy"]) if evaluation else "n/a"),
+        (f"best val accuracy (training) {interval_text(train_acc, val_n)}", _pct(train_acc)),
+        (f"{split} accuracy (evaluate) {interval_text(*ev_acc)}",
+         _pct(evaluation["accuracy"]) if evaluation else "n/a"),
         (f"{split} loss", f"{evaluation['loss']:.4f}" if evaluation else "n/a"),
         *([(f"{split} balanced accuracy", _pct(evaluation["balanced_accuracy"])),
            (f"{split} macro-F1", f"{evaluation['macro_f1']:.4f}")]
@@ -425,6 +434,7 @@ def render_html(
     for key, title, missing, caption in grids:
         parts.append(f"<h2 id={key}>{title}</h2>")
         parts.append(_img(figures[key], title.lower(), caption) if key in figures else missing)
+    parts += calibration_sections(evaluation, figures, _img)
     env_keys = ("device", "gpu", "precision", "torch", "cpu_threads", "cpu_capability")
     env = [(f"training {k}", meta[k]) for k in env_keys if k in meta]
     env += [
@@ -469,6 +479,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None) -> dict:
     if evaluation and len(classes) <= MATRIX_CLASSES:  # beyond, the pairs table and class table
         figures["confusion"] = png_bytes(confusion_figure(evaluation["confusion_matrix"], classes))
         figures["per_class"] = png_bytes(per_class_figure(evaluation["per_class"], classes))
+        notes += size_notes(evaluation)
     if preds is not None and len(preds.split.labels):
         conf, pred = preds.probs.max(1)
         labels = preds.split.labels
@@ -481,6 +492,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None) -> dict:
                     preds.split.images[idx], labels[idx].tolist(), pred[idx].tolist(),
                     conf[idx].tolist(), classes, title,
                 ))
+    figures.update(calibration_figures(evaluation, preds, classes))
     written = {}
     for key, png in figures.items():
         path = run_dir / f"{key.replace('_', '-')}.png"

@@ -19,12 +19,13 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from cifar_transfer import bundle, distributed, hardware, probe, rundir
+from cifar_transfer import bundle, calibration, distributed, hardware, probe, rundir
 from cifar_transfer.checkpoint import Best, TrainState, atomic_write_text, save_safetensors
 from cifar_transfer.config import Config, to_toml
 from cifar_transfer.data import default_cache_dir
 from cifar_transfer.datasets import class_weights, load_train_val
 from cifar_transfer.errors import UserError
+from cifar_transfer.evaluate import predict_logits
 from cifar_transfer.features import (
     cache_key,
     cached_features,
@@ -212,10 +213,46 @@ class Run:
             "data_kind": self.data.kind,
             **hardware.describe(self.device, final.precision),
         }  # fmt: skip
+        if self.main and len(self.data.val_y):
+            summary["temperature"] = self._fit_temperature(final)
         if self.main:
             bundle.save_bundle(self.model, self.cfg, self.out, final.resolution, summary)
         self.log.close()
         return summary
+
+    def _fit_temperature(self, final: Best) -> float:
+        """Temperature scaling of the kept weights, fitted on the validation images' logits."""
+        logits = self._val_logits(final).cpu()
+        labels = self.data.val_y.cpu()
+        t = calibration.fit_temperature(logits, labels)
+        before, after = (calibration.ece(calibration.scaled(logits, x).softmax(1), labels)
+                         for x in (1.0, t))  # fmt: skip
+        self.log.say(f"temperature {t:.3f} fitted on {len(labels)} validation images "
+                     f"(ECE {before:.2%} -> {after:.2%})")  # fmt: skip
+        return t
+
+    def _val_logits(self, final: Best) -> torch.Tensor:
+        """The kept weights' validation logits at the resolution and precision they were validated
+        at: from the frozen-feature cache when a cached phase left their features there (the
+        probe recipes: no second pass of the backbone), else one pass as `evaluate` runs it."""
+        d, cfg, model = self.data, self.cfg, self.model
+        key = cache_key(
+            cfg.model.backbone, weights_fingerprint(model.backbone), cfg.model.head,
+            final.resolution, final.precision, fingerprint(d.val_x, d.val_y),
+        )  # fmt: skip
+        path = default_cache_dir() / "features" / f"{key}.safetensors"
+        try:
+            feats = load_file(path, device=str(self.device))["features"] if path.is_file() else None
+        except Exception:  # noqa: BLE001 - an unreadable cache entry: the pass below instead
+            feats = None
+        if feats is None or len(feats) != len(d.val_y):
+            return predict_logits(
+                model, d.val_x, final.resolution, model.spec.mean, model.spec.std,
+                cfg.run.eval_batch_size, final.precision, cfg.run.channels_last,
+            )  # fmt: skip
+        head, batch = model.head.eval(), cfg.run.eval_batch_size
+        with torch.inference_mode(), hardware.autocast(self.device, final.precision):
+            return torch.cat([head(feats[i : i + batch]).float() for i in range(0, len(feats), batch)])
 
 
 def run_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState | None) -> None:
