@@ -95,7 +95,9 @@ def test_a_phase_runs_at_its_own_precision(cifar_dir, tmp_path, monkeypatch):
     # Forward passes in order: each epoch's steps then its validation (one batch of 100): phase
     # 0's head in bf16, then every step and the validation of phase 1 in fp32.
     n_steps = -(-len(train_mod.load_data(cfg, torch.device("cpu")).train_y) // 50)
-    assert trained == ["bf16"] * (2 * (n_steps + 1)) + ["fp32"] * (n_steps + 1)
+    # Then one pass for the temperature fit, at the precision the kept weights were validated at.
+    kept = json.loads((tmp_path / "run" / "model.json").read_text())["precision"]
+    assert trained == ["bf16"] * (2 * (n_steps + 1)) + ["fp32"] * (n_steps + 1) + [kept]
 
 
 def test_a_phase_precision_must_be_a_known_one(cifar_dir):
