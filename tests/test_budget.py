@@ -79,12 +79,16 @@ def test_precision_is_chosen_per_phase_by_measurement_and_differs_between_machin
     assert cfg.phases[1].epochs == math.ceil(amx.epochs)
 
 
-def test_budget_durations():
+def test_budget_durations():  # and the head a budget needs
     assert [budget.parse_duration(t) for t in ("20m", "90s", "1h30m", "1.5h", "45")] == [
         1200, 90, 5400, 5400, 45]
     for bad in ("", "abc", "20x", "0m", "1h30"):
         with pytest.raises(UserError, match="--budget"):
             budget.parse_duration(bad)
+    cfg = load_recipe("fast-cpu")
+    cfg.model.head = "mlp"
+    with pytest.raises(UserError, match="model.head=linear"):
+        budget.apply_plan(cfg, plan(AMX, 30), load_recipe("fast-cpu").phases)
 
 
 def test_a_shortened_cosine_stays_continuous_and_ends_at_its_new_end():

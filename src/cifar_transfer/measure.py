@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cifar_transfer import distributed
+from cifar_transfer import distributed, hardware
 from cifar_transfer.backbones import get_spec
 from cifar_transfer.bench import measure
 from cifar_transfer.budget import (
@@ -84,8 +84,13 @@ class Throughputs:
             if announce and not self.measured_now and distributed.is_main():
                 print(f"measuring this machine (once; cached in {self.path})", file=sys.stderr,
                       flush=True)
-            cell = measure(key.backbone, key.resolution, key.precision, key.mode, key.batch_size,
-                           self.seconds, self.device, weights=self.weights, freeze=key.freeze)
+            # bench seeds torch: a run that measured must draw the same numbers as one that read
+            # the cache (resume equals an unbroken run).
+            gpus = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=gpus):
+                cell = measure(key.backbone, key.resolution, key.precision, key.mode,
+                               key.batch_size, self.seconds, self.device, weights=self.weights,
+                               freeze=key.freeze)
             self.measured_now += cell.seconds
             self.cells[text] = cell.img_per_s
             self._save()
@@ -127,10 +132,8 @@ def auto_precision(device: torch.device, backbone: str, resolution: int, mode: s
                    batch_size: int, freeze: str = "none") -> str:
     """Resolve precision "auto": on a CUDA GPU bf16 where supported, else fp16 (with a gradient
     scaler); on a CPU the faster of fp32 and bf16 as measured (cached per machine)."""
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type != "cpu":
-        return "fp32"
+        return hardware.pick_precision("auto", device)
     with distributed.main_first():  # rank 0 measures, the others read its cache
         tput = Throughputs(device, seconds=AUTO_SECONDS)
         # Measure small: the ratio is what matters, and a big eval batch makes a slow cell.
@@ -147,7 +150,7 @@ OVERHEAD_S = {"cpu": 20.0, "cuda": 30.0}  # data load, model build, bundle (outs
 def candidates_for(cfg: Config, device: torch.device, from_recipe: bool) -> list[Candidate]:
     """The candidates a budget plans among: the recipe's model, or this device's default."""
     gpu = device.type == "cuda"
-    precisions = (auto_precision(device, "", 0, "", 0),) if gpu else MEASURED_PRECISIONS
+    precisions = (hardware.pick_precision("auto", device),) if gpu else MEASURED_PRECISIONS
     if not from_recipe:
         c = GPU_CANDIDATE if gpu else CPU_CANDIDATE
         return [dataclasses.replace(c, precisions=precisions)]
@@ -186,7 +189,7 @@ def recipe_time(cfg: Config, device: torch.device, tput: Throughputs, batch_cap:
     def speed(cell: Cell) -> float:
         cell = dataclasses.replace(cell, batch_size=min(cell.batch_size, batch_cap))
         precisions = [cell.precision] if cell.precision != "auto" else (
-            [auto_precision(device, "", 0, "", 0)] if gpu else MEASURED_PRECISIONS)
+            [hardware.pick_precision("auto", device)] if gpu else MEASURED_PRECISIONS)
         return max(tput.get(dataclasses.replace(cell, precision=p), announce=True) for p in precisions)
 
     native = get_spec(cfg.model.backbone).resolution

@@ -10,6 +10,7 @@ the deadline has come: the loop then validates, keeps the best and checkpoints, 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,13 +42,15 @@ class Pacer:
     """Fits a phase's remaining steps to its deadline by measured pace; says when to stop.
 
     `schedule` is the phase's optim.StepSchedule (or None: then only the deadline stops it);
-    `step` counts optimizer steps since the phase began (the scheduler's step count).
+    `step` counts optimizer steps since the phase began (the scheduler's step count). Until the
+    first epoch end is timed, validating `val_images` is guessed at a third of a training step
+    of `batch_size` (the training batch) per batch of images.
     """
 
     def __init__(self, deadline: Deadline, schedule, steps_per_epoch: int, val_images: int,
                  batch_size: int, start_step: int = 0) -> None:
         self.deadline, self.schedule, self.spe = deadline, schedule, max(1, steps_per_epoch)
-        self.val_batches = -(-val_images // batch_size) if val_images else 0
+        self.val_steps = val_images / batch_size
         self.step = start_step
         self.t0: float | None = None  # clock at the first timed step (after a warm-up step)
         self.steps0 = 0
@@ -56,7 +59,7 @@ class Pacer:
         self.shortened = 0  # how many times the schedule was shortened (for the log)
 
     def validated(self, seconds: float) -> None:
-        """An epoch-end validation took `seconds` (its time is reserved before each later one)."""
+        """An epoch end (validation, checkpoint) took `seconds`: reserved before each later one."""
         self.val_s = seconds
         self.t0 = None  # the pace is re-measured from the next step (validation is not a step)
 
@@ -68,7 +71,7 @@ class Pacer:
     def steps_that_fit(self, step_s: float, now: float) -> int:
         """Steps that end before the deadline, with a validation at every epoch end reserved."""
         left = self.deadline.end - now
-        val_s = self.val_s if self.val_s is not None else self.val_batches * step_s / 3
+        val_s = self.val_s if self.val_s is not None else self.val_steps * step_s / 3
         fit = int(left / step_s)
         for _ in range(3):  # the epoch ends the fitted steps cross, each paying a validation
             ends = (self.step + fit - 1) // self.spe - (self.step - 1) // self.spe + 1
@@ -86,7 +89,8 @@ class Pacer:
         if now >= self.deadline.end:
             return True
         step_s = self._step_s(now)
-        if step_s is not None and now - self.last_check >= RECHECK_S and self.schedule is not None:
+        replan = self.schedule is not None and math.isfinite(self.deadline.end)
+        if step_s is not None and now - self.last_check >= RECHECK_S and replan:
             self.last_check = now
             end = self.step + self.steps_that_fit(step_s, now)
             if end < self.schedule.total:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -185,14 +186,14 @@ class Run:
         """Train every phase (resuming where the checkpoint says), then write the model bundle."""
         s = self.state
         first = 0 if s is None else s.phase + (1 if s.phase_done else 0)
-        for plan in self.plans[first:]:
-            if plan.runs and self.deadline is not None and self.deadline.expired():
+        running = [p for p in self.plans[first:] if p.runs]
+        for plan in running:
+            if self.deadline is not None and self.deadline.expired():
                 self.log.say(f"deadline reached: phase {plan.phase.name!r} and later ones skipped")
                 break
-            if plan.runs:
-                self.run_plan(plan, s if s is not None and s.phase == plan.index else None)
-                if self.deadline is not None:
-                    self._bundle_if_best()
+            self.run_plan(plan, s if s is not None and s.phase == plan.index else None)
+            if self.deadline is not None and plan is not running[-1]:  # the last: _finish
+                self._bundle_if_best()
         return self._finish()
 
     def run_plan(self, plan: PhasePlan, resume: TrainState | None = None) -> None:
@@ -266,11 +267,14 @@ def run_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState
     evaluated = ema.module if ema is not None else model
     best_here = log.phase_best(plan.index)
     pacer = None
-    if run.deadline is not None:  # a budgeted run: the schedule ends at the deadline
-        schedule = getattr(scheduler, "lr_lambdas", [None])[0]
-        pacer = Pacer(run.deadline, schedule if hasattr(schedule, "shorten") else None,
-                      steps_per_epoch, len(inputs.val_y), run.cfg.run.eval_batch_size,
-                      scheduler.last_epoch)
+    schedule = getattr(scheduler, "lr_lambdas", [None])[0]
+    schedule = schedule if hasattr(schedule, "shorten") else None
+    shortened = schedule is not None and schedule.total < phase.epochs * steps_per_epoch
+    if run.deadline is not None or shortened:
+        # A budgeted run: the schedule ends at the deadline. Resumed without one, the phase
+        # still ends where its shortened schedule does.
+        pacer = Pacer(run.deadline or Deadline(math.inf), schedule, steps_per_epoch,
+                      len(inputs.val_y), phase.batch_size, scheduler.last_epoch)
     for epoch in range(start, phase.epochs):
         try:
             fit = train_one_epoch(
@@ -288,8 +292,6 @@ def run_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState
             evaluated.head if plan.cached else evaluated, inputs, run.cfg.run.eval_batch_size,
             plan.precision,
         )  # fmt: skip
-        if pacer is not None:
-            pacer.validated(time.perf_counter() - t_val)
         row = log.row(
             plan, epoch + 1, train_loss=fit.loss, train_acc=fit.acc, val_loss=val_loss,
             val_acc=val_acc, lr=optimizer.param_groups[0]["lr"], img_per_s=fit.seen / fit.seconds,
@@ -310,6 +312,8 @@ def run_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState
         if done and ema is not None:  # later phases and the final model go on from the average
             model.load_state_dict(ema.module.state_dict())
         run.checkpoint(plan, epoch + 1, done, stale, optimizer, scheduler, ema)
+        if pacer is not None:  # what every epoch end costs: validation, best file, checkpoint
+            pacer.validated(time.perf_counter() - t_val)
         if stop:
             log.say(f"early stop: {phase.name} had no val_acc gain for {stale} epochs")
             break
