@@ -142,14 +142,17 @@ def test_a_budgeted_run_plans_writes_its_plan_and_ends_near_its_deadline(
     wall = time.monotonic() - t0
     printed = capsys.readouterr()
     assert rc == 0 and "predicted finish" in printed.out, printed
-    # The plan asks for hundreds of epochs (the seeded speeds): only the deadline ends this run.
-    # Generous: the probe cannot be cut, and the test CPU is shared.
-    assert wall <= 2 * seconds, (wall, printed.out)
     doc = json.loads((out / "plan.json").read_text())
     assert doc["plan"]["kind"] in ("full", "partial") and doc["plan"]["epochs"] > 100
     assert doc["measured_img_per_s"] and doc["predicted_finish"]
     rows = read_metrics(out)
     assert rows[0]["phase_name"] == "probe"
+    # The plan asks for hundreds of epochs (the seeded speeds): only the deadline ends this run.
+    # Generous, as the test CPU is shared; and the probe cannot be cut: on a loaded CPU it may
+    # spend the whole budget, and then the fine-tuning phase is skipped.
+    tune = [r for r in rows if r["phase_name"] == "finetune"]
+    assert len(tune) < doc["plan"]["epochs"]
+    assert wall <= 2 * seconds or not tune, wall
     model, meta = load_model(out)
     assert meta["val_acc"] == max(r["val_acc"] for r in rows)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
@@ -160,14 +163,20 @@ def test_a_deadline_cuts_a_phase_cleanly_with_the_best_bundled_and_a_resumable_c
 ):
     cfg = apply_overrides(load_recipe("cnn-baseline"), [
         f"data.data_dir={cifar_dir}", "data.val_size=100", "run.eval_batch_size=100",
-        "run.threads=1", "phases.0.epochs=1000", "phases.0.early_stop_patience=0", "phases.0.schedule=cosine",
+        "run.threads=1", "run.precision=fp32", "phases.0.epochs=1000", "phases.0.early_stop_patience=0", "phases.0.schedule=cosine",
     ])  # fmt: skip
     out, seconds = tmp_path / "run", 3.0
-    t0 = time.monotonic()
-    summary = train_mod.train(cfg, out, progress=False, deadline=Deadline.after(seconds))
-    wall = time.monotonic() - t0
+    deadline, started = Deadline(math.inf), []
+
+    def start_clock(_):  # the deadline counts from the first step (data and model are loaded)
+        started.append(time.monotonic())
+        deadline.end = started[0] + seconds
+
+    summary = train_mod.train(cfg, out, progress=False, on_start=start_clock, deadline=deadline)
+    wall = time.monotonic() - started[0]
     rows = read_metrics(out)
-    assert wall < seconds + 6 and 0 < len(rows) < 1000, (wall, len(rows))
+    # Past the deadline: at most the step under way, the cut epoch's validation and the bundle.
+    assert wall < seconds + 5 and 0 < len(rows) < 1000, (wall, len(rows))
     _model, meta = load_model(out)
     assert meta["val_acc"] == summary["val_acc"] == max(r["val_acc"] for r in rows)
     # The cut epoch was checkpointed as the phase's end: resuming finds nothing left to train
