@@ -40,14 +40,18 @@ AUTO_SECONDS, AUTO_BATCH = 0.5, 32  # precision "auto": a quick comparison of tw
 MEASURED_PRECISIONS = ("fp32", "bf16")  # what "auto" chooses between on a CPU
 
 
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def machine_key(device: torch.device) -> str:
@@ -55,7 +59,8 @@ def machine_key(device: torch.device) -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
-        what = f"{_cpu_model()} x{torch.get_num_threads()} {torch.backends.cpu.get_cpu_capability()}"
+        # The flags too: virtual machines often name every CPU "Intel(R) Xeon(R) Processor".
+        what = f"{_cpu_model()} x{torch.get_num_threads()} {_cpuinfo('flags')}"
     text = f"{what}|{device.type}|torch {torch.__version__}|{platform.machine()}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
