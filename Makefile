@@ -1,9 +1,11 @@
 # Two entry points, each doing all set-up on a fresh machine:
-#   make train   -> creates .venv (once), trains the default recipe into runs/
+#   make train   -> creates .venv (once), trains into runs/: the default recipe on a GPU; without
+#                   one, the best plan that fits a $(BUDGET) budget (BUDGET=none: the full recipe)
 #   make test    -> creates .venv (once), runs the test suite (offline, a few minutes on 2 cores)
 PYTHON ?= python3
 VENV ?= .venv
 ARGS ?=
+BUDGET ?= 20m
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -14,7 +16,12 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 train: $(VENV)/.installed
-	$(VENV)/bin/cifar-transfer train --recipe default $(ARGS)
+	@if [ "$(BUDGET)" != none ] && ! $(VENV)/bin/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		echo "no GPU: training to a $(BUDGET) budget (make train BUDGET=1h for more; BUDGET=none for the full GPU recipe)"; \
+		$(VENV)/bin/cifar-transfer train --budget $(BUDGET) $(ARGS); \
+	else \
+		$(VENV)/bin/cifar-transfer train --recipe default $(ARGS); \
+	fi
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

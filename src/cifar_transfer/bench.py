@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cifar_transfer import hardware
-from cifar_transfer.models import create_model
+from cifar_transfer.models import apply_freeze, create_model
 from cifar_transfer.transforms import augment, batch_indices, to_model_input
 
 
@@ -60,18 +60,21 @@ def measure(
     input: str = "pipeline",
     compiled: bool = False,
     weights: str = "none",
+    freeze: str = "none",
 ) -> Cell:
     """Time full steps (input as `input` says -> model [-> backward -> SGD step]).
 
     `compiled` runs the model through torch.compile; the compile happens in the untimed warm-up.
     `weights` as model.weights: real weights can run at another speed than random init (in fp32
-    on a CPU, tiny values that denormalize are slow).
+    on a CPU, tiny values that denormalize are slow). `freeze` as a phase's freeze: a train step
+    of a partly frozen backbone skips the frozen layers' weight gradients.
     """
     if input not in INPUTS:
         raise ValueError(f"unknown input {input!r}: use one of {', '.join(INPUTS)}")
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model = create_model(backbone, weights, "linear").to(device)
+    apply_freeze(model, freeze)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     spec = model.spec
@@ -79,7 +82,7 @@ def measure(
     pool = torch.randint(0, 256, (8 * batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch_size,), device=device)
     ready = to_model_input(pool[:batch_size], resolution, spec.mean, spec.std, channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     forward = torch.compile(model) if compiled else model
 
     def batch() -> torch.Tensor:

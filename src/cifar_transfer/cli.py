@@ -12,6 +12,7 @@ import signal
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,29 +22,78 @@ from cifar_transfer.errors import UserError
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from cifar_transfer.config import load_recipe, recipe_names
 
+    timer = None
+    if not args.no_times:
+        from cifar_transfer import budget, hardware, measure
+
+        device = hardware.pick_device("auto")
+        tput = measure.Throughputs(device, seconds=0.5)
+        print(f"predicted wall time on {measure.describe_machine(device)} (CIFAR-10, measured "
+              f"small batches: an estimate; --no-times to skip)", file=sys.stderr)
+
+        def timer(cfg):
+            return "~" + budget.format_seconds(measure.recipe_time(cfg, device, tput))
     for name in recipe_names():
         cfg = load_recipe(name)
         epochs = "+".join(str(p.epochs) for p in cfg.phases)
-        print(f"{name:22s} {cfg.model.backbone:18s} epochs {epochs:8s} {cfg.description}")
+        wall = f"{timer(cfg):9s} " if timer else ""
+        print(f"{name:22s} {cfg.model.backbone:18s} epochs {epochs:8s} {wall}{cfg.description}",
+              flush=True)
     return 0
 
 
+def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: float):
+    """--budget: measure, plan, print the plan; returns (config, deadline, plan.json writer)."""
+    from cifar_transfer import budget, hardware, measure
+    from cifar_transfer.checkpoint import atomic_write_json
+    from cifar_transfer.config import apply_overrides, load_recipe
+    from cifar_transfer.pacing import Deadline
+
+    budget_s = budget.parse_duration(args.budget)
+    phase_sets = [o for o in overrides if o.strip().startswith("phases.")]
+    cfg = apply_overrides(cfg, [o for o in overrides if o not in phase_sets])
+    fixed = bool(args.recipe) or any(o.strip().startswith(("model.backbone", "model.resolution"))
+                                     for o in overrides)
+    hardware.set_threads(cfg.run.threads)
+    device = hardware.pick_device(cfg.run.device)
+    plan, speeds = measure.plan_this_machine(cfg, budget_s, device, fixed, time.monotonic() - t_start)
+    cfg = budget.apply_plan(cfg, plan, load_recipe("fast-cpu").phases)
+    cfg.recipe = f"{args.recipe}-budget" if args.recipe else "budget"
+    cfg = apply_overrides(cfg, phase_sets)
+    now = dt.datetime.now()
+    finish = now + dt.timedelta(seconds=plan.predicted_seconds - (time.monotonic() - t_start))
+    for line in plan.lines():
+        print(line, flush=True)
+    print(f"predicted finish {finish:%H:%M:%S}, budget ends "
+          f"{now + dt.timedelta(seconds=budget_s - (time.monotonic() - t_start)):%H:%M:%S}", flush=True)
+    doc = {
+        "budget": args.budget, "budget_seconds": budget_s, "machine": measure.describe_machine(device),
+        "started": (now - dt.timedelta(seconds=time.monotonic() - t_start)).isoformat(timespec="seconds"),
+        "predicted_finish": finish.isoformat(timespec="seconds"), "plan": plan.to_dict(),
+        "measured_img_per_s": speeds,
+    }  # fmt: skip
+    reserve = 2.0 + 0.01 * budget_s  # the final bundle (and loading the best weights) after it
+    deadline = Deadline(t_start + budget_s - reserve)
+    return cfg, deadline, lambda out: atomic_write_json(out / "plan.json", doc)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    t_start = time.monotonic()
     from cifar_transfer import distributed, train
     from cifar_transfer.config import apply_overrides, load_recipe
     from cifar_transfer.datasets import default_recipe
 
     if args.resume:
-        if args.recipe or args.overrides or args.weights or args.tensorboard:
+        if args.recipe or args.overrides or args.weights or args.tensorboard or args.budget:
             raise UserError(
                 "--resume continues a run with its saved config: drop "
-                "--recipe/--set/--weights/--tensorboard (--data-dir is allowed: where the run's "
-                "images are now)"
+                "--recipe/--set/--weights/--tensorboard/--budget (--data-dir is allowed: where "
+                "the run's images are now)"
             )
         out = args.run_out = Path(args.resume)
         summary = train.resume(out, progress=not args.quiet, data_dir=args.data_dir)
     else:
-        cfg = load_recipe(args.recipe or default_recipe(args.data_dir))
+        cfg = load_recipe(args.recipe or ("fast-cpu" if args.budget else default_recipe(args.data_dir)))
         overrides = list(args.overrides)
         if args.data_dir:
             overrides.append(f"data.data_dir={args.data_dir}")
@@ -51,17 +101,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
             overrides.append(f"model.weights={args.weights}")
         if args.tensorboard:
             overrides.append("run.tensorboard=true")
-        cfg = apply_overrides(cfg, overrides)
+        deadline, write_plan = None, None
+        if args.budget:
+            if distributed.launched():
+                raise UserError("--budget plans a run of one process: start it without torchrun")
+            cfg, deadline, write_plan = _budgeted(args, cfg, overrides, t_start)
+        else:
+            cfg = apply_overrides(cfg, overrides)
         if cfg.data.data_dir:  # saved with the run: relative, it would name another folder elsewhere
             cfg.data.data_dir = os.path.abspath(os.path.expanduser(cfg.data.data_dir))
         if distributed.launched() and not args.out:
             raise UserError("under torchrun every process writes the same run dir: pass --out RUN_DIR")
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = args.run_out = Path(args.out) if args.out else Path("runs") / f"{cfg.recipe}-{stamp}"
+        def on_start(d: Path) -> None:  # once config, data and model are checked
+            if write_plan is not None:
+                write_plan(d)
+            print(f"run dir: {d}", flush=True)
+
         # Printed once config, data and model are checked: a refused run prints only its error.
-        summary = train.train(
-            cfg, out, progress=not args.quiet, on_start=lambda d: print(f"run dir: {d}", flush=True)
-        )
+        summary = train.train(cfg, out, progress=not args.quiet, on_start=on_start, deadline=deadline)
     if not distributed.is_main():  # under torchrun rank 0 reports
         return 0
     acc = summary["val_acc"]
@@ -175,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p = sub.add_parser("recipes", help="list the shipped recipes, with their predicted wall time here")
+    p.add_argument("--no-times", action="store_true",
+                   help="skip the predicted wall times (no measurement of this machine)")
     p.set_defaults(func=_cmd_recipes)
 
     p = sub.add_parser("train", help="train a recipe into a run dir")
@@ -196,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. model.backbone=efficientnet_lite0 or phases.0.epochs=2",
     )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument(
+        "--budget", metavar="DURATION",
+        help="train to a time budget (e.g. 20m, 1h): measure this machine, plan backbone, "
+        "resolution, precision and epochs, stop cleanly at the deadline (plan in RUN_DIR/plan.json)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument(
         "--tensorboard", action="store_true",

@@ -18,7 +18,7 @@ from cifar_transfer.errors import UserError
 OPTIMIZERS = ("sgd", "adam", "adamw", "lbfgs")
 SCHEDULES = ("constant", "cosine", "onecycle")
 AUGMENTS = ("none", "flip", "crop-flip")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 BATCHNORM_MODES = ("train", "eval")
 HEADS = ("linear", "mlp", "imagenet-top")
 DATA_KINDS = ("auto", "cifar10", "cifar100", "folder")
@@ -95,7 +95,9 @@ class PhaseConfig:
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto = bf16 where the hardware runs it fast, else fp32
+    # auto = per phase, what measured fastest on this machine (fp32 or bf16 on a CPU, cached per
+    # machine); on a CUDA GPU bf16, or fp16 with a gradient scaler where bf16 is missing
+    precision: str = "auto"
     channels_last: bool = True
     compile: bool = False  # torch.compile the training step (measure before turning on)
     compile_features: str = "auto"  # auto | on | off: compile frozen-feature extraction

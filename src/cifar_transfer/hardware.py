@@ -29,20 +29,22 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def pick_precision(precision: str, device: torch.device) -> str:
-    """Resolve 'auto' to 'bf16' or 'fp32' (measured: BENCHMARKS.md, 'Precision on this CPU')."""
+    """Resolve 'auto' by the hardware's flags alone (measure.auto_precision measures instead)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type == "cpu":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     return "fp32"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast where asked for, a no-op context for fp32."""
+    """bf16 or fp16 autocast where asked for, a no-op context for fp32."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
     return contextlib.nullcontext()
 
 

@@ -9,7 +9,7 @@ of the same code.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +83,12 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
     gen: torch.Generator, precision: str, label_smoothing: float = 0.0,
     ema: AveragedModel | None = None, desc: str = "train", progress: bool = True,
+    stop: Callable[[], bool] | None = None, scaler: torch.amp.GradScaler | None = None,
 ) -> EpochResult:
     """One pass over the training inputs; `forward` is `net` or its DDP/compiled wrapper.
+
+    `stop` is asked after every step (a budgeted run's pacing.Pacer): True ends the epoch there.
+    `scaler` scales fp16 losses (CUDA GPUs without bf16).
 
     Raises Diverged when the loss stops being finite (no checkpoint is written inside an epoch,
     so the last one stays good).
@@ -122,8 +126,14 @@ def train_one_epoch(
         # DDP averages gradients over ranks; weighting each slice by its share of the global
         # batch makes that the global batch's mean even when slices differ in size.
         share = len(y) * world / len(idx)
-        (loss if share == 1 else loss * share).backward()
-        optimizer.step()
+        scaled = loss if share == 1 else loss * share
+        if scaler is not None:
+            scaler.scale(scaled).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            scaled.backward()
+            optimizer.step()
         scheduler.step()
         if ema is not None:
             ema.update_parameters(net)
@@ -132,6 +142,8 @@ def train_one_epoch(
         seen += len(y)
         if progress:
             bar.set_postfix(img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
+        if stop is not None and stop():
+            break
     bar.close()
     if nonfinite:
         raise Diverged(first_bad.item())

@@ -38,14 +38,43 @@ def make_scheduler(
             optimizer, max_lr=phase.lr, total_steps=total, pct_start=max(pct, 1e-3),
             cycle_momentum=phase.optimizer == "sgd", div_factor=25.0, final_div_factor=1e3,
         )
-    cosine = phase.schedule == "cosine"
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, StepSchedule(total, warmup, phase.schedule == "cosine"))
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if not cosine:
+
+class StepSchedule:
+    """LR factor by step: linear warmup, then cosine to zero at `total` (or constant).
+
+    `shorten` ends the schedule earlier (a budgeted run behind its pace): the cosine goes on from
+    where it is and reaches zero at the new end, so the learning rate never jumps. A callable
+    object, not a function, so LambdaLR's state_dict saves and restores it (with a checkpoint).
+    """
+
+    def __init__(self, total: int, warmup: int, cosine: bool) -> None:
+        self.total, self.warmup, self.cosine = total, warmup, cosine
+        self.anchor_step, self.anchor_progress = warmup, 0.0  # cosine progress at anchor_step
+
+    def progress(self, step: int) -> float:
+        """Share of the cosine done at `step` (0 at the end of warmup, 1 at `total`)."""
+        span = max(1, self.total - self.anchor_step)
+        return min(1.0, self.anchor_progress + (step - self.anchor_step) * (1 - self.anchor_progress) / span)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if not self.cosine:
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 0.5 * (1.0 + math.cos(math.pi * self.progress(step)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def shorten(self, step: int, total: int) -> None:
+        """End at step `total` instead (never later than planned, never before `step` + 1)."""
+        anchor = max(step, self.warmup)
+        total = max(total, anchor + 1)
+        if total >= self.total:
+            return
+        self.anchor_progress = self.progress(anchor)
+        self.anchor_step, self.total = anchor, total
+
+    def done(self, step: int) -> bool:
+        """Every planned step has run."""
+        return step >= self.total

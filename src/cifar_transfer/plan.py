@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cifar_transfer import hardware
+from cifar_transfer import measure
 from cifar_transfer.config import Config, PhaseConfig
 
 
@@ -20,7 +20,7 @@ class PhasePlan:
     index: int
     phase: PhaseConfig
     resolution: int  # input size the backbone sees
-    precision: str  # "bf16" or "fp32": extraction, training and validation of this phase
+    precision: str  # "bf16", "fp16" or "fp32": extraction, training and validation of this phase
     cached: bool  # the head trains on features extracted once (frozen backbone, no augmentation)
 
     @property
@@ -34,15 +34,30 @@ def phase_resolution(cfg: Config, phase: PhaseConfig, native: int) -> int:
     return phase.resolution or cfg.model.resolution or native
 
 
+def phase_precision(cfg: Config, phase: PhaseConfig, resolution: int, device: torch.device) -> str:
+    """A phase's precision; "auto" is what measured fastest for its step on this machine.
+
+    A phase may run at its own precision: bf16 extraction is 2x faster than fp32 on a bf16 CPU
+    while Lite training below 224 px can be faster in fp32 (BENCHMARKS.md), so "auto" measures
+    the step the phase runs: inference for a cached phase, training (with its freeze) otherwise.
+    """
+    precision = phase.precision or cfg.run.precision
+    if precision != "auto" or phase.epochs == 0:
+        return "fp32" if precision == "auto" else precision
+    cached = phase.uses_cache(cfg.run.feature_cache)
+    return measure.auto_precision(
+        device, cfg.model.backbone, resolution, "infer" if cached else "train",
+        cfg.run.eval_batch_size if cached else phase.batch_size, "none" if cached else phase.freeze,
+    )  # fmt: skip
+
+
 def plan_phases(cfg: Config, native_resolution: int, device: torch.device) -> list[PhasePlan]:
     """Resolve every phase of `cfg` for this device and backbone."""
-    return [
-        PhasePlan(
-            i, phase, phase_resolution(cfg, phase, native_resolution),
-            # A phase may run at its own precision: bf16 extraction is 2x faster than fp32 on a
-            # bf16 CPU while Lite training below 224 px can be faster in fp32 (BENCHMARKS.md).
-            hardware.pick_precision(phase.precision or cfg.run.precision, device),
+    plans = []
+    for i, phase in enumerate(cfg.phases):
+        resolution = phase_resolution(cfg, phase, native_resolution)
+        plans.append(PhasePlan(
+            i, phase, resolution, phase_precision(cfg, phase, resolution, device),
             phase.uses_cache(cfg.run.feature_cache),
-        )
-        for i, phase in enumerate(cfg.phases)
-    ]
+        ))  # fmt: skip
+    return plans

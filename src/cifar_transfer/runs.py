@@ -51,7 +51,7 @@ class Predictions:
 def bundle_precision(meta: dict, run_precision: str, device: torch.device) -> str:
     """The precision the bundle's val_acc was measured at (model.json), else the run's setting."""
     recorded = meta.get("precision")
-    if recorded in ("bf16", "fp32"):
+    if recorded in ("bf16", "fp16", "fp32"):
         return recorded
     return pick_precision(run_precision, device)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ from cifar_transfer.features import (
 from cifar_transfer.loop import Diverged, PhaseInputs, train_one_epoch, validate
 from cifar_transfer.models import apply_freeze, create_model
 from cifar_transfer.optim import make_optimizer, make_scheduler
+from cifar_transfer.pacing import Deadline, Pacer
 from cifar_transfer.plan import PhasePlan, plan_phases
 from cifar_transfer.runlog import RunLog
 
@@ -84,8 +87,9 @@ def signature(cfg: Config) -> dict:
 class Run:
     """One run: model and data on the device, its plan and log; trains phase after phase."""
 
-    def __init__(self, cfg: Config, out: Path, resume: bool = False, progress: bool = True):
-        self.cfg, self.out = cfg, Path(out)
+    def __init__(self, cfg: Config, out: Path, resume: bool = False, progress: bool = True,
+                 deadline: Deadline | None = None):
+        self.cfg, self.out, self.deadline = cfg, Path(out), deadline
         self.main = distributed.is_main()  # under torchrun only rank 0 prints and writes
         check_batch_sizes(cfg, distributed.world_size())
         hardware.set_threads(cfg.run.threads)
@@ -178,9 +182,14 @@ class Run:
         """Train every phase (resuming where the checkpoint says), then write the model bundle."""
         s = self.state
         first = 0 if s is None else s.phase + (1 if s.phase_done else 0)
-        for plan in self.plans[first:]:
-            if plan.runs:
-                self.run_plan(plan, s if s is not None and s.phase == plan.index else None)
+        running = [p for p in self.plans[first:] if p.runs]
+        for plan in running:
+            if self.deadline is not None and self.deadline.expired():
+                self.log.say(f"deadline reached: phase {plan.phase.name!r} and later ones skipped")
+                break
+            self.run_plan(plan, s if s is not None and s.phase == plan.index else None)
+            if self.deadline is not None and plan is not running[-1]:  # the last: _finish
+                self._bundle_if_best()
         return self._finish()
 
     def run_plan(self, plan: PhasePlan, resume: TrainState | None = None) -> None:
@@ -190,6 +199,26 @@ class Run:
             probe.run_probe_phase(self, plan, self.inputs(plan))
         else:
             run_phase(self, plan, self.inputs(plan), resume)
+
+    def _bundle_if_best(self) -> None:
+        """A budgeted run bundles each phase that ends on its best weights (the probe first), so
+        the run dir holds a usable model long before the deadline; weaker phases leave it as is."""
+        if self.main and self.last.epoch > 0 and self.last.acc >= self.log.best.acc:
+            summary = self._summary(self.last)
+            if len(self.data.val_y):
+                summary["temperature"] = self._fit_temperature(self.last)
+            bundle.save_bundle(self.model, self.cfg, self.out, self.last.resolution, summary)
+
+    def _summary(self, final: Best) -> dict:
+        """model.json's record of the run, for the weights validated as `final`."""
+        return {
+            "val_acc": final.acc if final.epoch > 0 else None, "best_epoch": self.log.best.epoch,
+            "epochs_run": self.log.epochs,
+            "train_images": len(self.data.train_y), "val_images": len(self.data.val_y),
+            "classes": list(self.data.classes), "storage_size": self.data.storage_size,
+            "data_kind": self.data.kind,
+            **hardware.describe(self.device, final.precision),
+        }  # fmt: skip
 
     def _finish(self) -> dict:
         """Load the weights the run ends on (the best epoch's, with keep_best) and bundle them."""
@@ -205,14 +234,7 @@ class Run:
             elif self.main:  # a best file deleted by hand: say what the bundle holds instead
                 self.log.warning(f"{best.file} is missing: the bundle holds the last epoch's weights")
                 final = self.last
-        summary = {
-            "val_acc": final.acc if final.epoch > 0 else None, "best_epoch": best.epoch,
-            "epochs_run": self.log.epochs,
-            "train_images": len(self.data.train_y), "val_images": len(self.data.val_y),
-            "classes": list(self.data.classes), "storage_size": self.data.storage_size,
-            "data_kind": self.data.kind,
-            **hardware.describe(self.device, final.precision),
-        }  # fmt: skip
+        summary = self._summary(final)
         if self.main and len(self.data.val_y):
             summary["temperature"] = self._fit_temperature(final)
         if self.main:
@@ -260,7 +282,9 @@ def run_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState
     phase, model, log = plan.phase, run.model, run.log
     net = model.head if plan.cached else model
     optimizer = make_optimizer(net, phase)
-    scheduler = make_scheduler(optimizer, phase, -(-len(inputs.train_y) // phase.batch_size))
+    steps_per_epoch = -(-len(inputs.train_y) // phase.batch_size)
+    scheduler = make_scheduler(optimizer, phase, steps_per_epoch)
+    scaler = torch.amp.GradScaler(run.device.type) if plan.precision == "fp16" else None
     ema = None
     if run.cfg.run.ema > 0 and not plan.cached:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(run.cfg.run.ema), use_buffers=True)
@@ -278,18 +302,28 @@ def run_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState
         forward = torch.compile(forward)
     evaluated = ema.module if ema is not None else model
     best_here = log.phase_best(plan.index)
+    pacer = None
+    schedule = getattr(scheduler, "lr_lambdas", [None])[0]
+    schedule = schedule if hasattr(schedule, "shorten") else None
+    shortened = schedule is not None and schedule.total < phase.epochs * steps_per_epoch
+    if run.deadline is not None or shortened:
+        # A budgeted run: the schedule ends at the deadline. Resumed without one, the phase
+        # still ends where its shortened schedule does.
+        pacer = Pacer(run.deadline or Deadline(math.inf), schedule, steps_per_epoch,
+                      len(inputs.val_y), phase.batch_size, scheduler.last_epoch)
     for epoch in range(start, phase.epochs):
         try:
             fit = train_one_epoch(
                 forward, net, inputs, phase.batch_size, optimizer, scheduler, run.gen,
                 plan.precision, phase.label_smoothing, ema,
-                f"{phase.name} {epoch + 1}/{phase.epochs}", log.console,
+                f"{phase.name} {epoch + 1}/{phase.epochs}", log.console, pacer, scaler,
             )  # fmt: skip
         except Diverged as e:
             raise UserError(
                 f"loss became {e.loss} in phase {phase.name!r} epoch {epoch + 1}: lower the lr "
                 f"({phase.lr}); the last good checkpoint is {run.out / rundir.LAST}"
             ) from None
+        t_val = time.perf_counter()
         val_loss, val_acc = validate(
             evaluated.head if plan.cached else evaluated, inputs, run.cfg.run.eval_batch_size,
             plan.precision,
@@ -308,12 +342,20 @@ def run_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState
             stale = 0 if val_acc > best_here else stale + 1
             best_here = max(best_here, val_acc)
         stop = bool(phase.early_stop_patience) and stale >= phase.early_stop_patience
-        done = stop or epoch + 1 == phase.epochs
+        # A budgeted phase ends when its (maybe shortened) schedule does, or at the deadline.
+        timed_out = pacer is not None and pacer.finished()
+        done = stop or timed_out or epoch + 1 == phase.epochs
         if done and ema is not None:  # later phases and the final model go on from the average
             model.load_state_dict(ema.module.state_dict())
         run.checkpoint(plan, epoch + 1, done, stale, optimizer, scheduler, ema)
+        if pacer is not None:  # what every epoch end costs: validation, best file, checkpoint
+            pacer.validated(time.perf_counter() - t_val)
         if stop:
             log.say(f"early stop: {phase.name} had no val_acc gain for {stale} epochs")
+            break
+        if timed_out and epoch + 1 < phase.epochs:
+            log.say(f"budget: {phase.name} ended after {pacer.step} of its {steps_per_epoch * phase.epochs} "
+                    f"planned steps (schedule fitted to the deadline {pacer.shortened} times)")
             break
 
 
@@ -374,16 +416,19 @@ def _holding(out: Path, new: bool) -> Iterator[None]:
 
 
 def train(
-    cfg: Config, out: Path, progress: bool = True, on_start: Callable[[Path], None] | None = None
+    cfg: Config, out: Path, progress: bool = True, on_start: Callable[[Path], None] | None = None,
+    deadline: Deadline | None = None,
 ) -> dict:
     """Start a new run in `out` and train it to the end (under torchrun: on every rank).
 
     `on_start(out)` runs on rank 0 once data and model are loaded, just before the first epoch.
+    With a `deadline` (a budgeted run) training stops cleanly by then: the best model so far
+    bundled, the checkpoint resumable.
     """
     out = Path(out)
     with distributed.process_group(hardware.pick_device(cfg.run.device)), _holding(out, new=True):
         # Data and model are checked before the first file is written, so bad input leaves no run dir.
-        run = Run(cfg, out, resume=False, progress=progress)
+        run = Run(cfg, out, resume=False, progress=progress, deadline=deadline)
         if run.main:
             atomic_write_text(out / rundir.CONFIG, to_toml(cfg))
             if on_start is not None:

@@ -1,0 +1,193 @@
+"""Training to a time budget: the planner (a pure function of throughputs), the schedule that
+ends at the deadline, and a tiny budgeted run that stops cleanly with a usable model."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from cifar_transfer import budget, measure
+from cifar_transfer import train as train_mod
+from cifar_transfer.budget import Candidate, Cell, plan_budget
+from cifar_transfer.bundle import load_model
+from cifar_transfer.cli import main
+from cifar_transfer.config import apply_overrides, load_recipe
+from cifar_transfer.errors import UserError
+from cifar_transfer.optim import StepSchedule
+from cifar_transfer.pacing import Deadline, Pacer
+from cifar_transfer.rundir import read_metrics
+
+LITE = Candidate("efficientnet_lite0", (128, 160), train_batch=32, infer_batch=64)
+
+
+def speeds(train: dict[str, float], infer: dict[str, float], partial: float = 3.0) -> dict:
+    """Made-up throughputs for LITE: `train`/`infer` img/s at 128 px by precision; 160 px is
+    (128/160)^2 of that, a partly frozen train step `partial` times a full one."""
+    out = {}
+    for r in LITE.resolutions:
+        scale = (128 / r) ** 2
+        for p in LITE.precisions:
+            out[Cell(LITE.backbone, r, p, "infer", 64)] = infer[p] * scale
+            out[Cell(LITE.backbone, r, p, "train", 32, "none")] = train[p] * scale
+            out[Cell(LITE.backbone, r, p, "train", 32, "from-layer:100")] = train[p] * scale * partial
+    return out
+
+
+AMX = speeds(train={"fp32": 55.0, "bf16": 34.0}, infer={"fp32": 227.0, "bf16": 343.0})
+PLAIN = speeds(train={"fp32": 60.0, "bf16": 12.0}, infer={"fp32": 300.0, "bf16": 60.0})
+
+
+def plan(tput: dict, minutes: float, candidates=(LITE,)) -> budget.BudgetPlan:
+    return plan_budget(tput, minutes * 60, 45_000, 5_000, list(candidates), overhead_s=20)
+
+
+def test_more_time_never_gives_a_worse_plan():
+    accs = [plan(AMX, m).predicted_val_acc for m in range(4, 300, 4)]
+    assert all(b >= a for a, b in itertools.pairwise(accs)), accs
+    assert accs[-1] > accs[0] + 3  # and a lot more time buys a clearly better plan
+    full_only = [Candidate(LITE.backbone, (128,), kinds=("full",))]
+    epochs = [plan(AMX, m, full_only).epochs for m in range(4, 300, 4)]
+    assert all(b >= a for a, b in itertools.pairwise(epochs)), epochs
+    long = plan(AMX, 120)
+    assert long.kind != "probe" and long.predicted_seconds <= 120 * 60
+
+
+def test_a_too_small_budget_gives_the_probe_alone_and_below_the_probe_one_error_line():
+    probe_s = 50_000 / (343.0 * (128 / 160) ** 2)  # nothing else than the probe fits in 1.1x it
+    short = plan(AMX, 1.1 * (20 + probe_s) / 60 / (1 - budget.MARGIN))
+    assert short.kind == "probe" and short.epochs == 0
+    cfg = budget.apply_plan(load_recipe("fast-cpu"), short, load_recipe("fast-cpu").phases)
+    assert [p.optimizer for p in cfg.phases] == ["lbfgs"]
+    with pytest.raises(UserError) as e:
+        plan(AMX, 1)
+    assert "below the probe's own cost" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_precision_is_chosen_per_phase_by_measurement_and_differs_between_machines():
+    amx, plain = plan(AMX, 30), plan(PLAIN, 30)
+    # AMX-like CPU: bf16 extraction (faster), fp32 training (bf16 trains slower there)
+    assert (amx.probe_precision, amx.finetune_precision) == ("bf16", "fp32")
+    assert (plain.probe_precision, plain.finetune_precision) == ("fp32", "fp32")
+    assert amx.throughputs and all(v > 0 for v in amx.throughputs.values())
+    cfg = budget.apply_plan(load_recipe("fast-cpu"), amx, load_recipe("fast-cpu").phases)
+    assert [(p.optimizer, p.precision) for p in cfg.phases] == [("lbfgs", "bf16"), ("sgd", "fp32")]
+    assert cfg.phases[1].epochs == math.ceil(amx.epochs)
+
+
+def test_budget_durations():  # and the head a budget needs
+    assert [budget.parse_duration(t) for t in ("20m", "90s", "1h30m", "1.5h", "45")] == [
+        1200, 90, 5400, 5400, 45]
+    for bad in ("", "abc", "20x", "0m", "1h30"):
+        with pytest.raises(UserError, match="--budget"):
+            budget.parse_duration(bad)
+    cfg = load_recipe("fast-cpu")
+    cfg.model.head = "mlp"
+    with pytest.raises(UserError, match="model.head=linear"):
+        budget.apply_plan(cfg, plan(AMX, 30), load_recipe("fast-cpu").phases)
+
+
+def test_a_shortened_cosine_stays_continuous_and_ends_at_its_new_end():
+    plain, cut = StepSchedule(100, 10, True), StepSchedule(100, 10, True)
+    assert [plain(s) for s in range(100)] == [cut(s) for s in range(100)]
+    before = cut(40)
+    cut.shorten(40, 60)
+    assert cut(40) == pytest.approx(before) and cut(59) < 0.01 and cut.done(60)
+    assert all(cut(s) >= cut(s + 1) for s in range(40, 60))
+
+
+def test_the_pacer_fits_the_schedule_to_the_deadline_when_the_pace_drifts():
+    clock = [0.0]
+    deadline = Deadline(100.0, clock=lambda: clock[0])
+    schedule = StepSchedule(1000, 0, True)  # planned at 10 steps/s; it runs at 2
+    pacer = Pacer(deadline, schedule, steps_per_epoch=500, val_images=0, batch_size=32)
+    stopped_at = None
+    for _ in range(1000):
+        clock[0] += 0.5
+        if pacer():
+            stopped_at = clock[0]
+            break
+    assert stopped_at is not None and 95 <= stopped_at <= 100
+    assert pacer.shortened >= 1 and schedule(pacer.step - 1) < 0.05  # the cosine came to its end
+
+
+@pytest.fixture
+def seeded_speeds(isolated_cache):
+    """This machine's cnn throughputs as made-up cache entries: 50x faster than it can run, so
+    the plan asks for far too many epochs and the run must re-plan and stop at the deadline."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what the run asks for (run.threads=1): part of the machine key
+    tput = measure.Throughputs(torch.device("cpu"))
+    for p in ("fp32", "bf16"):
+        tput.cells[Cell("cnn", 32, p, "infer", 100).text()] = 50_000.0
+        for freeze in ("none", "from-layer:100"):
+            tput.cells[Cell("cnn", 32, p, "train", 64, freeze).text()] = 20_000.0
+    tput._save()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_budgeted_run_plans_writes_its_plan_and_ends_near_its_deadline(
+    seeded_speeds, cifar_dir, tmp_path, capsys
+):
+    out, seconds = tmp_path / "run", 6.0
+    t0 = time.monotonic()
+    rc = main(["train", "--recipe", "cnn-baseline", "--budget", f"{seconds:g}s", "--quiet",
+               "--data-dir", str(cifar_dir), "--out", str(out), "--set", "data.val_size=100",
+               "--set", "run.eval_batch_size=100", "--set", "run.threads=1"])
+    wall = time.monotonic() - t0
+    printed = capsys.readouterr()
+    assert rc == 0 and "predicted finish" in printed.out, printed
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["plan"]["kind"] in ("full", "partial") and doc["plan"]["epochs"] > 100
+    assert doc["measured_img_per_s"] and doc["predicted_finish"]
+    rows = read_metrics(out)
+    assert rows[0]["phase_name"] == "probe"
+    # The plan asks for hundreds of epochs (the seeded speeds): only the deadline ends this run.
+    # Generous, as the test CPU is shared; and the probe cannot be cut: on a loaded CPU it may
+    # spend the whole budget, and then the fine-tuning phase is skipped.
+    tune = [r for r in rows if r["phase_name"] == "finetune"]
+    assert len(tune) < doc["plan"]["epochs"]
+    assert wall <= 2 * seconds or not tune, wall
+    model, meta = load_model(out)
+    assert meta["val_acc"] == max(r["val_acc"] for r in rows)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_a_deadline_cuts_a_phase_cleanly_with_the_best_bundled_and_a_resumable_checkpoint(
+    cifar_dir, tmp_path
+):
+    cfg = apply_overrides(load_recipe("cnn-baseline"), [
+        f"data.data_dir={cifar_dir}", "data.val_size=100", "run.eval_batch_size=100",
+        "run.threads=1", "run.precision=fp32", "phases.0.epochs=1000", "phases.0.early_stop_patience=0", "phases.0.schedule=cosine",
+    ])  # fmt: skip
+    out, seconds = tmp_path / "run", 3.0
+    deadline, started = Deadline(math.inf), []
+
+    def start_clock(_):  # the deadline counts from the first step (data and model are loaded)
+        started.append(time.monotonic())
+        deadline.end = started[0] + seconds
+
+    summary = train_mod.train(cfg, out, progress=False, on_start=start_clock, deadline=deadline)
+    wall = time.monotonic() - started[0]
+    rows = read_metrics(out)
+    # Past the deadline: at most the step under way, the cut epoch's validation and the bundle.
+    assert wall < seconds + 5 and 0 < len(rows) < 1000, (wall, len(rows))
+    _model, meta = load_model(out)
+    assert meta["val_acc"] == summary["val_acc"] == max(r["val_acc"] for r in rows)
+    # The cut epoch was checkpointed as the phase's end: resuming finds nothing left to train
+    # and bundles the same model.
+    again = train_mod.resume(out, progress=False)
+    assert len(read_metrics(out)) == len(rows) and again["val_acc"] == summary["val_acc"]
+
+
+def test_recipe_time_is_the_sum_of_its_phases():
+    cfg = load_recipe("fast-cpu")
+    seconds = budget.recipe_seconds(cfg, lambda cell: 100.0 if cell.mode == "train" else 500.0, 224)
+    extract, fit = 50_000 / 500, budget.PROBE_FIT_S * 45_000
+    tune = 4 * (45_000 / 100 + 5_000 / 500)
+    assert seconds == pytest.approx(extract + fit + tune)
