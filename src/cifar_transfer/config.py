@@ -21,6 +21,7 @@ AUGMENTS = ("none", "flip", "crop-flip")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 BATCHNORM_MODES = ("train", "eval")
 HEADS = ("linear", "mlp", "imagenet-top")
+SELECT_BY = ("accuracy", "balanced_accuracy")
 DATA_KINDS = ("auto", "cifar10", "cifar100", "folder")
 CIFAR100_LABELS = ("fine", "coarse")
 BAD_IMAGES = ("skip", "refuse")
@@ -106,6 +107,7 @@ class RunConfig:
     eval_batch_size: int = 256
     feature_cache: bool = True  # frozen phases without augmentation train the head on cached features
     keep_best: bool = True  # the final model is the epoch with the best val_acc
+    select_by: str = "accuracy"  # or "balanced_accuracy": what "best epoch" means (imbalanced data)
     tensorboard: bool = False  # also log every metrics row to RUN_DIR/tensorboard (pip extra)
 
 
@@ -265,6 +267,10 @@ def validate(cfg: Config) -> None:
     _check(
         r.compile_features in ("auto", "on", "off"),
         f"bad value for run.compile_features: {r.compile_features!r} (auto, on or off)",
+    )
+    _check(
+        r.select_by in SELECT_BY,
+        f"bad value for run.select_by: {r.select_by!r} (choose one of {', '.join(SELECT_BY)})",
     )
     _check(r.eval_batch_size > 0, f"bad value for run.eval_batch_size: {r.eval_batch_size} (> 0)")
     _check(r.threads >= 0, f"bad value for run.threads: {r.threads} (0 = default, or > 0)")

@@ -157,29 +157,45 @@ def train_one_epoch(
 @torch.inference_mode()
 def validate(
     net: torch.nn.Module, inputs: PhaseInputs, batch_size: int, precision: str
-) -> tuple[float | None, float | None]:
-    """(mean loss, accuracy) on the validation inputs, in eval mode; (None, None) without any.
+) -> tuple[float | None, float | None, float | None]:
+    """(mean loss, accuracy, balanced accuracy) on the validation inputs, in eval mode; Nones
+    without any. Balanced accuracy is the mean recall over the classes present.
 
     Batched exactly as `evaluate` batches the bundle's forward pass (same batch size, order and
     autocast), so the bundle's val_acc is what `evaluate --split val` prints.
     """
     n = len(inputs.val_y)
     if n == 0:  # val_size=0: nothing to measure (JSON has no NaN)
-        return None, None
+        return None, None, None
     device = inputs.val_y.device
     was_training = net.training
     net.eval()
     part = distributed.shard(n)
     x, y = inputs.val_x[part], inputs.val_y[part]
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    sums, per_class = torch.zeros(2, dtype=torch.float64, device=device), None
     for start in range(0, len(y), batch_size):
         with hardware.autocast(device, precision):
             logits = net(inputs.model_input(x[start : start + batch_size])).float()
         target = y[start : start + batch_size]
+        right = logits.argmax(1) == target
         sums[0] += F.cross_entropy(logits, target, reduction="sum").double()
-        sums[1] += (logits.argmax(1) == target).sum().double()
+        sums[1] += right.sum().double()
+        if per_class is None:  # (images, hits) per class
+            per_class = torch.zeros(2, logits.shape[1], dtype=torch.float64, device=device)
+        per_class[0] += torch.bincount(target, minlength=logits.shape[1]).double()
+        per_class[1] += torch.bincount(target[right], minlength=logits.shape[1]).double()
     net.train(was_training)
+    if per_class is None:  # this rank's shard was empty; the class count is the head's
+        per_class = torch.zeros(2, _classes(net), dtype=torch.float64, device=device)
     loss_sum, hits = distributed.all_reduce_sum(sums).tolist()
+    counts, class_hits = distributed.all_reduce_sum(per_class)
+    present = counts > 0
+    balanced = float((class_hits[present] / counts[present]).mean())
     # float32 division, as a float32 mean computes it, so the figure is the one `evaluate` prints
     # and best-epoch ties compare equal when a run resumes under another world size.
-    return loss_sum / n, float(torch.tensor(hits, dtype=torch.float32) / n)
+    return loss_sum / n, float(torch.tensor(hits, dtype=torch.float32) / n), balanced
+
+
+def _classes(net: torch.nn.Module) -> int:
+    """The number of outputs of the last linear layer of net."""
+    return [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1].out_features

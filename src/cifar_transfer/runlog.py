@@ -19,7 +19,7 @@ from cifar_transfer.rundir import METRICS
 # metrics.jsonl row fields -> TensorBoard tags
 TENSORBOARD_TAGS = (
     ("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_acc", "accuracy/train"),
-    ("val_acc", "accuracy/val"), ("lr", "lr"), ("img_per_s", "speed/img_per_s"),
+    ("val_acc", "accuracy/val"), ("val_balanced_acc", "balanced_accuracy/val"), ("lr", "lr"), ("img_per_s", "speed/img_per_s"),
     ("resolution", "resolution"), ("l2", "probe/l2"),
 )  # fmt: skip
 
@@ -34,6 +34,7 @@ class RunLog:
         self.out, self.writes, self.console = Path(out), writes, console
         self.rows: list[dict] = list(rows or [])
         self.best = best or Best()
+        self.select_key = "val_acc"  # "val_balanced_acc" with run.select_by = "balanced_accuracy"
         self.t_start = time.perf_counter()  # elapsed_seconds counts from here: data load included
         # Earlier sessions' wall time up to their last logged epoch (work lost to a kill is not).
         self.elapsed_before = self.rows[-1].get("elapsed_seconds", 0.0) if self.rows else 0.0
@@ -71,17 +72,30 @@ class RunLog:
             f"{row['seconds']:.1f}s{extra}"
         )
 
+    def score(self, row: dict) -> float | None:
+        """What "best" compares for a row: its val_acc, or its val_balanced_acc with
+        run.select_by = "balanced_accuracy" (None when the row was not validated)."""
+        if row.get("val_acc") is None:
+            return None
+        return row.get(self.select_key, row["val_acc"])
+
+    def score_of(self, epoch: int) -> float:
+        """The score of the row of run-wide `epoch` (-1 when there is none)."""
+        scores = [self.score(r) for r in self.rows if r["epoch"] == epoch]
+        return scores[-1] if scores and scores[-1] is not None else -1.0
+
     def improved(self, row: dict, plan: PhasePlan) -> bool:
-        """True (and the row becomes the best) when its val_acc beats every earlier one."""
-        if row["val_acc"] is None or row["val_acc"] <= self.best.acc:
+        """True (and the row becomes the best) when its score beats every earlier one."""
+        score = self.score(row)
+        if score is None or score <= self.score_of(self.best.epoch):
             return False
         self.best = Best(row["val_acc"], row["epoch"], plan.resolution, plan.precision)
         return True
 
     def phase_best(self, index: int) -> float:
-        """The best val_acc logged in phase `index` so far (-1 when none)."""
-        accs = [r["val_acc"] for r in self.rows if r["phase"] == index and r["val_acc"] is not None]
-        return max(accs, default=-1.0)
+        """The best score logged in phase `index` so far (-1 when none)."""
+        scores = [self.score(r) for r in self.rows if r["phase"] == index]
+        return max((s for s in scores if s is not None), default=-1.0)
 
     def say(self, text: str) -> None:
         """A console line (stdout) unless --quiet or not rank 0."""

@@ -120,6 +120,8 @@ class Run:
             rows = rundir.read_metrics(self.out)[: self.state.global_epoch]
             best, self.last = self.state.best, self.state.last
         self.log = RunLog(self.out, self.main, progress and self.main, cfg.run.tensorboard, rows, best)
+        if cfg.run.select_by == "balanced_accuracy":
+            self.log.select_key = "val_balanced_acc"
 
     def _restore(self, state: TrainState) -> None:
         self.model.load_state_dict(state.model)
@@ -203,7 +205,8 @@ class Run:
     def _bundle_if_best(self) -> None:
         """A budgeted run bundles each phase that ends on its best weights (the probe first), so
         the run dir holds a usable model long before the deadline; weaker phases leave it as is."""
-        if self.main and self.last.epoch > 0 and self.last.acc >= self.log.best.acc:
+        last, best = self.log.score_of(self.last.epoch), self.log.score_of(self.log.best.epoch)
+        if self.main and self.last.epoch > 0 and last >= best:
             summary = self._summary(self.last)
             if len(self.data.val_y):
                 summary["temperature"] = self._fit_temperature(self.last)
@@ -324,23 +327,24 @@ def run_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState
                 f"({phase.lr}); the last good checkpoint is {run.out / rundir.LAST}"
             ) from None
         t_val = time.perf_counter()
-        val_loss, val_acc = validate(
+        val_loss, val_acc, val_balanced = validate(
             evaluated.head if plan.cached else evaluated, inputs, run.cfg.run.eval_batch_size,
             plan.precision,
         )  # fmt: skip
         row = log.row(
             plan, epoch + 1, train_loss=fit.loss, train_acc=fit.acc, val_loss=val_loss,
             val_acc=val_acc, lr=optimizer.param_groups[0]["lr"], img_per_s=fit.seen / fit.seconds,
-            seconds=fit.seconds,
+            seconds=fit.seconds, val_balanced_acc=val_balanced,
         )  # fmt: skip
         if plan.cached and epoch == start:
             row["extract_seconds"] = inputs.extract_seconds
         log.log(row, phase.epochs)
         run.keep_if_best(row, plan, evaluated)
         run.ended_on(val_acc, plan)
-        if val_acc is not None:
-            stale = 0 if val_acc > best_here else stale + 1
-            best_here = max(best_here, val_acc)
+        score = log.score(row)
+        if score is not None:
+            stale = 0 if score > best_here else stale + 1
+            best_here = max(best_here, score)
         stop = bool(phase.early_stop_patience) and stale >= phase.early_stop_patience
         # A budgeted phase ends when its (maybe shortened) schedule does, or at the deadline.
         timed_out = pacer is not None and pacer.finished()
