@@ -114,6 +114,7 @@ class Run:
         self.plans = plan_phases(cfg, self.model.spec.resolution, self.device)
         self.gen = torch.Generator().manual_seed(cfg.run.seed + 1)
         self.last = Best()  # validation of the weights the run ends on (keep_best off)
+        self._temperature: tuple[int, float] | None = None  # (epoch, T) last fitted
         rows, best = [], None
         if self.state is not None:
             self._restore(self.state)
@@ -246,7 +247,13 @@ class Run:
         return summary
 
     def _fit_temperature(self, final: Best) -> float:
-        """Temperature scaling of the kept weights, fitted on the validation images' logits."""
+        """Temperature scaling of the kept weights, fitted on the validation images' logits.
+
+        Fitted once per validated epoch: a budgeted run's intermediate bundle and the final one
+        usually hold the same weights, and a second fit would cost a second validation pass.
+        """
+        if self._temperature is not None and self._temperature[0] == final.epoch > 0:
+            return self._temperature[1]
         logits = self._val_logits(final).cpu()
         labels = self.data.val_y.cpu()
         t = calibration.fit_temperature(logits, labels)
@@ -254,6 +261,7 @@ class Run:
                          for x in (1.0, t))  # fmt: skip
         self.log.say(f"temperature {t:.3f} fitted on {len(labels)} validation images "
                      f"(ECE {before:.2%} -> {after:.2%})")  # fmt: skip
+        self._temperature = (final.epoch, t)
         return t
 
     def _val_logits(self, final: Best) -> torch.Tensor:
