@@ -158,6 +158,25 @@ def test_a_budgeted_run_plans_writes_its_plan_and_ends_near_its_deadline(
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_a_budget_on_a_folder_plans_with_the_folders_own_image_counts(seeded_speeds, tmp_path):
+    from PIL import Image
+
+    for k, name in enumerate(("ant", "bee")):  # 12 images a class, a quarter of them for val
+        for i in range(12):
+            (tmp_path / "photos" / name).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 30), (200 * k, 90, 20 * i)).save(tmp_path / "photos" / name / f"{i}.png")
+    out = tmp_path / "run"
+    rc = main(["train", "--recipe", "cnn-baseline", "--budget", "3s", "--quiet",
+               "--data-dir", str(tmp_path / "photos"), "--out", str(out),
+               "--set", "data.val_size=0.25", "--set", "data.storage_size=32",
+               "--set", "run.eval_batch_size=100", "--set", "run.threads=1"])
+    plan = json.loads((out / "plan.json").read_text())["plan"]
+    assert rc == 0
+    # 18 training and 6 validation images at the seeded speeds, not CIFAR-10's 45,000 + 5,000.
+    assert plan["epoch_seconds"] == pytest.approx(18 / 20_000 + 6 / 50_000)
+    assert load_model(out)[1]["classes"] == ["ant", "bee"]
+
+
 def test_a_deadline_cuts_a_phase_cleanly_with_the_best_bundled_and_a_resumable_checkpoint(
     cifar_dir, tmp_path
 ):

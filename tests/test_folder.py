@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_transfer import datasets, folder
+from cifar_transfer import budget, datasets, folder
 from cifar_transfer.cli import main
 from cifar_transfer.config import apply_overrides, load_recipe
 from cifar_transfer.errors import UserError
@@ -65,6 +65,10 @@ def test_class_folders_give_sorted_classes_and_a_proportional_seeded_val_split(t
     other = datasets.load_train_val(cfg_for(root, "data.val_size=0.25", "data.seed=1"), progress=False)
     assert not torch.equal(other.val_x, s.val_x)
     assert torch.allclose(datasets.class_weights(s.train_y, 3), torch.tensor([27 / 45, 27 / 21, 27 / 15]))
+    # What --budget plans with, counted from the file list without decoding: the same sizes.
+    assert datasets.split_counts(cfg_for(root, "data.val_size=0.25")) == (27, 9)
+    assert datasets.split_counts(cfg_for(root, "data.val_size=4", "data.train_limit=10")) == (10, 4)
+    assert budget.split_sizes(cfg_for(root, "data.val_size=0.25"), 36) == (27, 9)
 
 
 def test_train_val_test_layout_uses_its_own_val_and_test(tmp_path):
@@ -74,6 +78,7 @@ def test_train_val_test_layout_uses_its_own_val_and_test(tmp_path):
     make_folder(root / "test", {"apple": 4, "kiwi": 1}, start=80)
     s = datasets.load_train_val(cfg_for(root), progress=False)  # val_size 5000 is not used
     assert len(s.train_y) == 12 and torch.bincount(s.val_y).tolist() == [2, 3]
+    assert datasets.split_counts(cfg_for(root)) == (12, 5)
     x, y, src = datasets.load_test(cfg_for(root))
     assert x.shape == (5, 3, 32, 32)
     assert torch.bincount(y).tolist() == [4, 1] and src.classes == ["apple", "kiwi"]

@@ -269,7 +269,8 @@ def format_seconds(seconds: float) -> str:
 
 def split_sizes(cfg: Config, total: int = 50_000) -> tuple[int, int]:
     """(training images, validation images) a config trains on, of `total` (CIFAR-10's 50,000)."""
-    n_val = min(cfg.data.val_size, total)
+    v = cfg.data.val_size  # a count, or a fraction of the split (data.val_size = 0.2)
+    n_val = min(v if isinstance(v, int) else round(v * total), total)
     n_train = total - n_val
     return (min(cfg.data.train_limit, n_train) if cfg.data.train_limit else n_train), n_val
 

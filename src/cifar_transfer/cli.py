@@ -94,6 +94,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         summary = train.resume(out, progress=not args.quiet, data_dir=args.data_dir)
     else:
         cfg = load_recipe(args.recipe or ("fast-cpu" if args.budget else default_recipe(args.data_dir)))
+        if args.budget and not args.recipe and default_recipe(args.data_dir) != "default":
+            # A folder: plan fast-cpu's phases on the folder recipe's data settings (its val share).
+            cfg.data = load_recipe(default_recipe(args.data_dir)).data
         overrides = list(args.overrides)
         if args.data_dir:
             overrides.append(f"data.data_dir={args.data_dir}")

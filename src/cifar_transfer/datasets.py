@@ -143,6 +143,22 @@ def val_count(val_size: float, n: int) -> int:
     return val_size if isinstance(val_size, int) else round(val_size * n)
 
 
+def split_counts(cfg: Config) -> tuple[int, int]:
+    """(training, validation) image counts `load_train_val` gives, without decoding a folder's
+    images (a budget plans with them before the run reads anything)."""
+    src = open_source(cfg, progress=False)
+    d = cfg.data
+    if src.scan is not None:
+        n = len(src.scan.splits.get("train", []))
+        n_val = len(src.scan.splits["val"]) if src.has_val else val_count(d.val_size, n)
+        n_train = n if src.has_val else n - n_val
+    else:
+        n = len(src.read("train")[1])
+        n_val = min(val_count(d.val_size, n), n)
+        n_train = n - n_val
+    return (min(n_train, d.train_limit) if d.train_limit else n_train), n_val
+
+
 def proportional_split(labels: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded split with each class's share of the k validation images proportional to its size
     (largest remainders; at least one per class, never all of a class); (train_idx, val_idx)."""

@@ -29,11 +29,11 @@ from cifar_transfer.budget import (
     cells_needed,
     plan_budget,
     recipe_seconds,
-    split_sizes,
 )
 from cifar_transfer.checkpoint import atomic_write_json
 from cifar_transfer.config import Config
-from cifar_transfer.data import default_cache_dir, load_split, resolve_data_dir
+from cifar_transfer.data import default_cache_dir
+from cifar_transfer.datasets import split_counts
 
 SECONDS = 1.0  # timed per cell (after one untimed warm-up step); at least 2 steps
 AUTO_SECONDS, AUTO_BATCH = 0.5, 32  # precision "auto": a quick comparison of two cells
@@ -177,10 +177,8 @@ def plan_this_machine(cfg: Config, budget_s: float, device: torch.device, from_r
     t0 = time.monotonic()
     speeds = {cell: tput.get(cell, announce=True) for cell in cells_needed(candidates)}
     spent_s += time.monotonic() - t0
-    # The split's size (another dataset than CIFAR-10's 50,000 may come): read once more by the
-    # run itself, a second or two.
-    total = len(load_split(resolve_data_dir(cfg.data.data_dir or None), "train")[1])
-    n_train, n_val = split_sizes(cfg, total)
+    # The split's size (CIFAR-10/100's 50,000 or a folder's files, counted without decoding).
+    n_train, n_val = split_counts(cfg)
     overhead = OVERHEAD_S.get(device.type, 20.0) * min(1.0, (n_train + n_val) / 50_000) + spent_s
     plan = plan_budget(speeds, budget_s, n_train, n_val, candidates, overhead_s=overhead)
     return plan, {c.text(): v for c, v in speeds.items()}

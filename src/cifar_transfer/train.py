@@ -100,7 +100,7 @@ class Run:
         if self.state is not None and self.state.data != self.data.fingerprint:
             raise UserError(
                 f"the images in {cfg.data.data_dir or 'the download cache'} are not the images "
-                f"this run trained on: pass --data-dir with the cifar-10-batches-py folder it used"
+                f"this run trained on: pass the --data-dir it used (config.toml's data.data_dir)"
             )
         # Resuming needs no weights source: the checkpoint holds every weight.
         weights = "none" if self.state is not None else cfg.model.weights
