@@ -32,30 +32,33 @@ PROBE_FIT_S = 40.0 / 45_000  # L-BFGS sweep seconds per training image (Lite0, 5
 @dataclass(frozen=True)
 class Prior:
     """Expected validation error (%) of a plan, before any run: err = e1 * epochs^-alpha for
-    fine-tuning from the probe's head, scaled by (128 / resolution)^res_alpha.
+    fine-tuning from the probe's head, scaled by (128 / resolution)^res_alpha; the probe's own
+    error scales by (128 / resolution)^probe_res_alpha.
 
-    Fitted to EfficientNet-Lite0's measured runs at 128 px (BENCHMARKS.md, `fast-cpu`): probe
-    87.6%; a full 3-epoch cosine 94.98%, 4 epochs 95.36%. The partial kind's numbers are a guess
-    (no full-scale run yet): a little worse per epoch than full fine-tuning, at ~3x the speed.
-    These only rank plans against each other; replace them with measured runs as they come.
+    Fitted to EfficientNet-Lite0's measured runs (BENCHMARKS.md): the probe 87.56% at 128 px and
+    89.94% at 160 px (probe_res_alpha); full fine-tuning (`fast-cpu`, 128 px, cosine) 94.98% after
+    3 epochs and 95.36% after 4; partial (from-layer:100, 128 px, cosine) 92.90% after 1.39 epochs
+    (`--budget 10m`) and 94.70% after 5 (`seed-from-layer-100`); at 160 px its first epoch of 5
+    gave 93.54% against 92.66% at 128 px (res_alpha). They rank plans against each other; they are
+    not a promise. Replace them with measured runs as they come.
     """
 
-    probe_err: float = 12.4
-    full_e1: float = 6.74
+    probe_err: float = 12.44
+    full_e1: float = 6.75
     full_alpha: float = 0.27
-    partial_e1: float = 7.4
-    partial_alpha: float = 0.2
-    res_alpha: float = 0.35
+    partial_e1: float = 7.65
+    partial_alpha: float = 0.23
+    res_alpha: float = 0.57
+    probe_res_alpha: float = 0.95
 
     def accuracy(self, kind: str, epochs: float, resolution: int) -> float:
         """Predicted validation accuracy (%) of the probe ("probe") or `epochs` of fine-tuning."""
-        scale = (128 / resolution) ** self.res_alpha
-        err = self.probe_err
+        err = self.probe_err * (128 / resolution) ** self.probe_res_alpha
         if kind != "probe" and epochs > 0:
             e1, alpha = (self.full_e1, self.full_alpha) if kind == "full" else (
                 self.partial_e1, self.partial_alpha)
-            err = min(err, e1 * epochs ** -alpha)
-        return 100.0 - err * scale
+            err = min(err, e1 * epochs ** -alpha * (128 / resolution) ** self.res_alpha)
+        return 100.0 - err
 
 
 PRIORS: dict[str, Prior] = {"default": Prior()}
