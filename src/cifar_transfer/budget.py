@@ -38,8 +38,8 @@ class Prior:
     Fitted to EfficientNet-Lite0's measured runs (BENCHMARKS.md): the probe 87.56% at 128 px and
     89.94% at 160 px (probe_res_alpha); full fine-tuning (`fast-cpu`, 128 px, cosine) 94.98% after
     3 epochs and 95.36% after 4; partial (from-layer:100, 128 px, cosine) 92.90% after 1.39 epochs
-    (`--budget 10m`) and 94.70% after 5 (`seed-from-layer-100`); at 160 px its first epoch of 5
-    gave 93.54% against 92.66% at 128 px (res_alpha). They rank plans against each other; they are
+    (`--budget 10m`) and 94.70% after 5 (`seed-from-layer-100`); at 160 px the same 5 epochs end
+    at 95.54% (res_alpha; their first epochs: 93.54% against 92.66%). They rank plans against each other; they are
     not a promise. Replace them with measured runs as they come.
     """
 
@@ -48,7 +48,7 @@ class Prior:
     full_alpha: float = 0.27
     partial_e1: float = 7.65
     partial_alpha: float = 0.23
-    res_alpha: float = 0.57
+    res_alpha: float = 0.77
     probe_res_alpha: float = 0.95
 
     def accuracy(self, kind: str, epochs: float, resolution: int) -> float:
