@@ -69,6 +69,22 @@ def tiny_run(cifar_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def run(tiny_run, tmp_path_factory) -> Path:
+    """This module's own copy of the finished two-epoch cnn-baseline run (it may write into it)."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("run-copy") / "run"))
+
+
+@pytest.fixture(scope="module")
+def images(cifar_dir) -> torch.Tensor:
+    """Twenty raw uint8 CIFAR-format images."""
+    from cifar_transfer.data import load_split
+
+    return load_split(cifar_dir, "train")[0][:20]
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
     """Feature caches and downloads go to a per-session temp folder, never ~/.cache."""

@@ -13,20 +13,8 @@ from PIL import Image
 
 from cifar_transfer.bundle import load_model
 from cifar_transfer.cli import main
-from cifar_transfer.data import load_split
 from cifar_transfer.errors import UserError
 from cifar_transfer.evaluate import predict_logits
-
-
-@pytest.fixture(scope="module")
-def run(tiny_run, tmp_path_factory) -> Path:
-    """This module's copy of the finished two-epoch cnn-baseline run."""
-    return Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("calibrated") / "run"))
-
-
-@pytest.fixture(scope="module")
-def images(cifar_dir) -> torch.Tensor:
-    return load_split(cifar_dir, "train")[0][:20]
 
 
 def logits_of(model: torch.nn.Module, meta: dict, images: torch.Tensor) -> torch.Tensor:

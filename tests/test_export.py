@@ -17,23 +17,10 @@ import cifar_transfer
 from cifar_transfer import export
 from cifar_transfer.bundle import load_model
 from cifar_transfer.cli import main
-from cifar_transfer.data import load_split
 from cifar_transfer.errors import UserError
 from cifar_transfer.evaluate import predict_logits
 
 ort = pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def run(tiny_run, tmp_path_factory) -> Path:
-    """This module's copy of the finished two-epoch cnn-baseline run (exports write into it)."""
-    return Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("export") / "run"))
-
-
-@pytest.fixture(scope="module")
-def images(cifar_dir) -> torch.Tensor:
-    """Twenty raw uint8 CIFAR-format images."""
-    return load_split(cifar_dir, "train")[0][:20]
 
 
 def reference_logits(run: Path, images: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,6 @@ from cifar_transfer.predict import load_predictor, predict_paths, read_image
 
 
 @pytest.fixture(scope="module")
-def run(tiny_run, tmp_path_factory) -> Path:
-    """This module's copy of the finished two-epoch cnn-baseline run."""
-    return Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("predict") / "run"))
-
-
-@pytest.fixture(scope="module")
 def folder(cifar_dir, tmp_path_factory) -> Path:
     """img0..img6 (PNG/JPEG, upscaled as photos would be), a sub folder, and a non-image file."""
     root = tmp_path_factory.mktemp("images")

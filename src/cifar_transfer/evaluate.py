@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -11,6 +11,22 @@ import torch.nn.functional as F
 from cifar_transfer.data import CLASSES
 from cifar_transfer.hardware import autocast
 from cifar_transfer.transforms import to_model_input
+
+
+def batched_logits(
+    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int,
+    precision: str, to_input: Callable[[torch.Tensor], torch.Tensor], tta: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, float32 logits) for each batch of `images`, under autocast: the one forward pass
+    that validation and `evaluate` share, so the bundle's val_acc is what `evaluate` prints.
+    `tta` averages with the mirror image (the cheapest TTA that pays on CIFAR)."""
+    for start in range(0, len(images), batch_size):
+        x = to_input(images[start : start + batch_size])
+        with autocast(images.device, precision):
+            y = forward(x).float()
+            if tta:
+                y = (y + forward(torch.flip(x, dims=[3])).float()) / 2
+        yield start, y
 
 
 @torch.inference_mode()
@@ -28,16 +44,10 @@ def predict_logits(
     """Run the model in eval mode over uint8 images already on its device; float32 logits on CPU."""
     was_training = model.training
     model.eval()
-    device = images.device
-    forward = model.forward
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = to_model_input(images[start : start + batch_size], resolution, mean, std, channels_last)
-        with autocast(device, precision):
-            y = forward(x).float()
-            if tta:  # average with the mirror image: the cheapest TTA that pays on CIFAR
-                y = (y + forward(torch.flip(x, dims=[3])).float()) / 2
-        out.append(y.cpu())
+    out = [y.cpu() for _, y in batched_logits(
+        model.forward, images, batch_size, precision,
+        lambda x: to_model_input(x, resolution, mean, std, channels_last), tta,
+    )]  # fmt: skip
     model.train(was_training)
     dim = out[0].shape[1] if out else 0
     return torch.cat(out) if out else torch.empty(0, dim)

@@ -107,18 +107,26 @@ def cached_features(
     """Load features from the cache or `extract(images)` and store them; (features, seconds)."""
     path = Path(cache_dir) / f"{key}.safetensors"
     t0 = time.perf_counter()
-    if path.is_file():
-        try:
-            feats = load_file(path)["features"]
-        except Exception as e:  # noqa: BLE001 - a bad cache file is re-made, never trusted
-            print(f"note: feature cache {path} unreadable ({type(e).__name__}): extracting again",
-                  file=sys.stderr)  # fmt: skip
-        else:
-            if len(feats) == len(images):
-                return feats.to(images.device), time.perf_counter() - t0
+    feats = load_cached(path, len(images), images.device)
+    if feats is not None:
+        return feats, time.perf_counter() - t0
     feats = extract(images)
     _store(path, feats, key)
     return feats, time.perf_counter() - t0
+
+
+def load_cached(path: Path, n: int, device: torch.device) -> torch.Tensor | None:
+    """The cached features at `path` when it holds n of them; None when it is missing, short or
+    unreadable (a bad cache file is re-made, never trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        feats = load_file(path)["features"]
+    except Exception as e:  # noqa: BLE001 - anything a damaged or foreign file raises
+        print(f"note: feature cache {path} unreadable ({type(e).__name__}): extracting again",
+              file=sys.stderr)  # fmt: skip
+        return None
+    return feats.to(device) if len(feats) == n else None
 
 
 def _store(path: Path, feats: torch.Tensor, key: str) -> None:

@@ -18,6 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from cifar_transfer import distributed, hardware
+from cifar_transfer.evaluate import batched_logits
 from cifar_transfer.transforms import augment, batch_indices, to_model_input
 
 # Steps between two host reads of the loss (is it finite?), per device type: on a GPU each read
@@ -173,9 +174,7 @@ def validate(
     part = distributed.shard(n)
     x, y = inputs.val_x[part], inputs.val_y[part]
     sums, per_class = torch.zeros(2, dtype=torch.float64, device=device), None
-    for start in range(0, len(y), batch_size):
-        with hardware.autocast(device, precision):
-            logits = net(inputs.model_input(x[start : start + batch_size])).float()
+    for start, logits in batched_logits(net, x, batch_size, precision, inputs.model_input):
         target = y[start : start + batch_size]
         right = logits.argmax(1) == target
         sums[0] += F.cross_entropy(logits, target, reduction="sum").double()

@@ -33,6 +33,7 @@ from cifar_transfer.features import (
     cached_features,
     extract_features,
     fingerprint,
+    load_cached,
     should_compile,
     weights_fingerprint,
 )
@@ -273,12 +274,9 @@ class Run:
             cfg.model.backbone, weights_fingerprint(model.backbone), cfg.model.head,
             final.resolution, final.precision, fingerprint(d.val_x, d.val_y),
         )  # fmt: skip
-        path = default_cache_dir() / "features" / f"{key}.safetensors"
-        try:
-            feats = load_file(path, device=str(self.device))["features"] if path.is_file() else None
-        except Exception:  # noqa: BLE001 - an unreadable cache entry: the pass below instead
-            feats = None
-        if feats is None or len(feats) != len(d.val_y):
+        feats = load_cached(default_cache_dir() / "features" / f"{key}.safetensors", len(d.val_y),
+                            self.device)
+        if feats is None:
             return predict_logits(
                 model, d.val_x, final.resolution, model.spec.mean, model.spec.std,
                 cfg.run.eval_batch_size, final.precision, cfg.run.channels_last,
