@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cifar_transfer import hardware
 from cifar_transfer.data import CLASSES
-from cifar_transfer.hardware import autocast
 from cifar_transfer.transforms import to_model_input
 
 
@@ -22,7 +22,7 @@ def batched_logits(
     `tta` averages with the mirror image (the cheapest TTA that pays on CIFAR)."""
     for start in range(0, len(images), batch_size):
         x = to_input(images[start : start + batch_size])
-        with autocast(images.device, precision):
+        with hardware.autocast(images.device, precision):
             y = forward(x).float()
             if tta:
                 y = (y + forward(torch.flip(x, dims=[3])).float()) / 2
