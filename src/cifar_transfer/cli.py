@@ -47,17 +47,20 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
     from cifar_transfer import budget, hardware, measure
     from cifar_transfer.checkpoint import atomic_write_json
     from cifar_transfer.config import apply_overrides, load_recipe
+    from cifar_transfer.datasets import default_recipe
     from cifar_transfer.pacing import Deadline
 
     budget_s = budget.parse_duration(args.budget)
     phase_sets = [o for o in overrides if o.strip().startswith("phases.")]
     cfg = apply_overrides(cfg, [o for o in overrides if o not in phase_sets])
-    fixed = bool(args.recipe) or any(o.strip().startswith(("model.backbone", "model.resolution"))
-                                     for o in overrides)
+    folder = not args.recipe and default_recipe(args.data_dir) != "default"
+    fixed = bool(args.recipe) or folder or any(
+        o.strip().startswith(("model.backbone", "model.resolution")) for o in overrides)
     hardware.set_threads(cfg.run.threads)
     device = hardware.pick_device(cfg.run.device)
     plan, speeds = measure.plan_this_machine(cfg, budget_s, device, fixed, time.monotonic() - t_start)
-    cfg = budget.apply_plan(cfg, plan, load_recipe("fast-cpu").phases)
+    fast = load_recipe("fast-cpu").phases
+    cfg = budget.apply_plan(cfg, plan, [cfg.phases[0] if folder else fast[0], fast[1]])
     cfg.recipe = f"{args.recipe}-budget" if args.recipe else "budget"
     cfg = apply_overrides(cfg, phase_sets)
     now = dt.datetime.now()
@@ -93,10 +96,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out = args.run_out = Path(args.resume)
         summary = train.resume(out, progress=not args.quiet, data_dir=args.data_dir)
     else:
-        cfg = load_recipe(args.recipe or ("fast-cpu" if args.budget else default_recipe(args.data_dir)))
-        if args.budget and not args.recipe and default_recipe(args.data_dir) != "default":
-            # A folder: plan fast-cpu's phases on the folder recipe's data settings (its val share).
-            cfg.data = load_recipe(default_recipe(args.data_dir)).data
+        # --budget without a recipe: fast-cpu's model and phases on CIFAR; on a folder, the folder
+        # recipe's model, data settings and probe (a few hundred images: its probe is the model
+        # to beat), then fast-cpu's fine-tuning phase if the budget leaves time for it.
+        folder = default_recipe(args.data_dir) != "default"
+        cfg = load_recipe(args.recipe or ("fast-cpu" if args.budget and not folder
+                                          else default_recipe(args.data_dir)))
         overrides = list(args.overrides)
         if args.data_dir:
             overrides.append(f"data.data_dir={args.data_dir}")
