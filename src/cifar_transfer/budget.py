@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from cifar_transfer.config import Config, PhaseConfig
+from cifar_transfer.config import Config, PhaseConfig, val_count
 from cifar_transfer.errors import UserError
 
 FREEZE = {"full": "none", "partial": "from-layer:100"}  # fine-tuning kind -> phase freeze
@@ -272,8 +272,7 @@ def format_seconds(seconds: float) -> str:
 
 def split_sizes(cfg: Config, total: int = 50_000) -> tuple[int, int]:
     """(training images, validation images) a config trains on, of `total` (CIFAR-10's 50,000)."""
-    v = cfg.data.val_size  # a count, or a fraction of the split (data.val_size = 0.2)
-    n_val = min(v if isinstance(v, int) else round(v * total), total)
+    n_val = min(val_count(cfg.data.val_size, total), total)  # a count, or a fraction (0.2)
     n_train = total - n_val
     return (min(cfg.data.train_limit, n_train) if cfg.data.train_limit else n_train), n_val
 

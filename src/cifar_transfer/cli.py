@@ -42,18 +42,19 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: float):
-    """--budget: measure, plan, print the plan; returns (config, deadline, plan.json writer)."""
+def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: float, folder: bool):
+    """--budget: measure, plan, print the plan; returns (config, deadline, plan.json writer).
+
+    `folder`: cfg is the folder recipe (no --recipe, --data-dir holds class folders); its model
+    and probe are kept, the plan only adds fine-tuning."""
     from cifar_transfer import budget, hardware, measure
     from cifar_transfer.checkpoint import atomic_write_json
     from cifar_transfer.config import apply_overrides, load_recipe
-    from cifar_transfer.datasets import default_recipe
     from cifar_transfer.pacing import Deadline
 
     budget_s = budget.parse_duration(args.budget)
     phase_sets = [o for o in overrides if o.strip().startswith("phases.")]
     cfg = apply_overrides(cfg, [o for o in overrides if o not in phase_sets])
-    folder = not args.recipe and default_recipe(args.data_dir) != "default"
     fixed = bool(args.recipe) or folder or any(
         o.strip().startswith(("model.backbone", "model.resolution")) for o in overrides)
     hardware.set_threads(cfg.run.threads)
@@ -99,9 +100,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # --budget without a recipe: fast-cpu's model and phases on CIFAR; on a folder, the folder
         # recipe's model, data settings and probe (a few hundred images: its probe is the model
         # to beat), then fast-cpu's fine-tuning phase if the budget leaves time for it.
-        folder = default_recipe(args.data_dir) != "default"
-        cfg = load_recipe(args.recipe or ("fast-cpu" if args.budget and not folder
-                                          else default_recipe(args.data_dir)))
+        default = None if args.recipe else default_recipe(args.data_dir)
+        folder = default not in (None, "default")
+        cfg = load_recipe(args.recipe or ("fast-cpu" if args.budget and not folder else default))
         overrides = list(args.overrides)
         if args.data_dir:
             overrides.append(f"data.data_dir={args.data_dir}")
@@ -113,7 +114,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.budget:
             if distributed.launched():
                 raise UserError("--budget plans a run of one process: start it without torchrun")
-            cfg, deadline, write_plan = _budgeted(args, cfg, overrides, t_start)
+            cfg, deadline, write_plan = _budgeted(args, cfg, overrides, t_start, folder)
         else:
             cfg = apply_overrides(cfg, overrides)
         if cfg.data.data_dir:  # saved with the run: relative, it would name another folder elsewhere

@@ -187,6 +187,11 @@ def _convert(value: Any, typ: type, key: str) -> Any:
     return value
 
 
+def val_count(val_size: float, n: int) -> int:
+    """data.val_size as a number of images: a count as it is, a fraction of the n images."""
+    return val_size if isinstance(val_size, int) else round(val_size * n)
+
+
 class Number(float):
     """Marks a field that takes a count (int) or a fraction (float), e.g. data.val_size."""
 

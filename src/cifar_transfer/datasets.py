@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from cifar_transfer import cifar100, folder
-from cifar_transfer.config import Config
+from cifar_transfer.budget import split_sizes
+from cifar_transfer.config import Config, val_count
 from cifar_transfer.data import (
     CLASSES,
     _looks_like_batches_dir,
@@ -138,25 +139,16 @@ def open_source(cfg: Config, data_dir: str | None = None, progress: bool = True)
     return Source("folder", path, found.classes, folder_storage_size(cfg), cfg, found, progress)
 
 
-def val_count(val_size: float, n: int) -> int:
-    """data.val_size as a number of images: a count as it is, a fraction of the n images."""
-    return val_size if isinstance(val_size, int) else round(val_size * n)
-
-
 def split_counts(cfg: Config) -> tuple[int, int]:
     """(training, validation) image counts `load_train_val` gives, without decoding a folder's
     images (a budget plans with them before the run reads anything)."""
     src = open_source(cfg, progress=False)
-    d = cfg.data
-    if src.scan is not None:
-        n = len(src.scan.splits.get("train", []))
-        n_val = len(src.scan.splits["val"]) if src.has_val else val_count(d.val_size, n)
-        n_train = n if src.has_val else n - n_val
-    else:
-        n = len(src.read("train")[1])
-        n_val = min(val_count(d.val_size, n), n)
-        n_train = n - n_val
-    return (min(n_train, d.train_limit) if d.train_limit else n_train), n_val
+    if src.has_val:  # the folder's own val/: nothing is carved from train/
+        n_train, n_val = len(src.scan.splits["train"]), len(src.scan.splits["val"])
+        limit = cfg.data.train_limit
+        return (min(n_train, limit) if limit else n_train), n_val
+    n = len(src.scan.splits["train"]) if src.scan is not None else len(src.read("train")[1])
+    return split_sizes(cfg, n)
 
 
 def proportional_split(labels: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

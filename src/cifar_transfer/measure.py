@@ -101,10 +101,6 @@ class Throughputs:
             self._save()
         return self.cells[text]
 
-    def table(self) -> dict[str, float]:
-        """Every cached cell: key text -> images per second."""
-        return dict(self.cells)
-
     def _save(self) -> None:
         if not distributed.is_main():
             return

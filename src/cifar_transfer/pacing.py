@@ -25,11 +25,6 @@ class Deadline:
     end: float
     clock: Callable[[], float] = time.monotonic
 
-    @classmethod
-    def after(cls, seconds: float, reserve_s: float = 0.0) -> Deadline:
-        """A deadline `seconds` from now, less `reserve_s` kept for the final bundle."""
-        return cls(time.monotonic() + seconds - reserve_s)
-
     def left(self) -> float:
         """Seconds until the deadline (negative once past)."""
         return self.end - self.clock()

@@ -27,7 +27,7 @@ from cifar_transfer.config import Config, to_toml
 from cifar_transfer.data import default_cache_dir
 from cifar_transfer.datasets import class_weights, load_train_val
 from cifar_transfer.errors import UserError
-from cifar_transfer.evaluate import predict_logits
+from cifar_transfer.evaluate import batched_logits, predict_logits
 from cifar_transfer.features import (
     cache_key,
     cached_features,
@@ -281,9 +281,9 @@ class Run:
                 model, d.val_x, final.resolution, model.spec.mean, model.spec.std,
                 cfg.run.eval_batch_size, final.precision, cfg.run.channels_last,
             )  # fmt: skip
-        head, batch = model.head.eval(), cfg.run.eval_batch_size
-        with torch.inference_mode(), hardware.autocast(self.device, final.precision):
-            return torch.cat([head(feats[i : i + batch]).float() for i in range(0, len(feats), batch)])
+        with torch.inference_mode():
+            return torch.cat([y for _, y in batched_logits(
+                model.head.eval(), feats, cfg.run.eval_batch_size, final.precision, lambda x: x)])
 
 
 def run_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState | None) -> None:
