@@ -142,8 +142,10 @@ def auto_precision(device: torch.device, backbone: str, resolution: int, mode: s
 
 
 # What a budget plans with when no recipe names a backbone: Lite0 on a CPU (fast-cpu's), ResNet50
-# on a GPU. A recipe's own backbone and resolution replace these.
-CPU_CANDIDATE = Candidate("efficientnet_lite0", (128, 160), train_batch=32, infer_batch=64)
+# on a GPU. A recipe's own backbone and resolution replace these. Lite0 up to its native 224 px:
+# a long budget buys resolution rather than more epochs (at 160 px the curve is flat after ~4
+# epochs, BENCHMARKS.md); measuring the two larger sizes costs ~20 s of a cold start.
+CPU_CANDIDATE = Candidate("efficientnet_lite0", (128, 160, 192, 224), train_batch=32, infer_batch=64)
 GPU_CANDIDATE = Candidate("resnet50", (160, 224), train_batch=128, infer_batch=256)
 OVERHEAD_S = {"cpu": 20.0, "cuda": 30.0}  # data load, model build, bundle (outside the phases)
 
