@@ -79,6 +79,35 @@ def test_precision_is_chosen_per_phase_by_measurement_and_differs_between_machin
     assert cfg.phases[1].epochs == math.ceil(amx.epochs)
 
 
+def test_a_recorded_compiled_extraction_prices_the_probe_and_leaves_the_rest_to_fine_tuning():
+    cold = plan(AMX, 30)
+    fast = Cell(LITE.backbone, cold.resolution, cold.probe_precision, "extract", 256)
+    warm = plan({**AMX, fast: 3 * AMX[Cell(LITE.backbone, cold.resolution, cold.probe_precision,
+                                                 "infer", 64)]}, 30)
+    # 45,000 training images at 3x the eager speed; validation stays eager (as runs extract it).
+    assert warm.probe_seconds == pytest.approx(cold.probe_seconds - 45_000 / warm.throughputs[
+        fast.text()] * 2)
+    assert warm.epochs > cold.epochs and fast.text() in warm.throughputs
+
+
+def test_a_run_keeps_its_compiled_extraction_speed_for_the_next_plan(monkeypatch, tmp_path):
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path))
+    cfg = apply_overrides(load_recipe("cnn-baseline"), ["data.data_dir=/nonexistent"])
+    cell = Cell("cnn", 32, "bf16", "extract", cfg.run.eval_batch_size)
+    extract = train_mod._recording(lambda x: x[:, :1].float(), torch.device("cpu"), cell)
+    assert extract(torch.zeros(8, 3, 2, 2)).shape == (8, 1, 2, 2)
+    again = measure.Throughputs(torch.device("cpu"))
+    assert again.cells[cell.text()] > 0
+    seen = {}
+    monkeypatch.setattr(measure, "split_counts", lambda cfg: (45_000, 5_000))
+    monkeypatch.setattr(measure, "plan_budget", lambda speeds, *a, **k: seen.update(speeds) or "plan")
+    for c in measure.cells_needed(measure.candidates_for(cfg, torch.device("cpu"), True)):
+        again.cells[c.text()] = 100.0
+    again._save()
+    measure.plan_this_machine(cfg, 600, torch.device("cpu"), True)
+    assert seen[cell] == again.cells[cell.text()]
+
+
 def test_budget_durations():  # and the head a budget needs
     assert [budget.parse_duration(t) for t in ("20m", "90s", "1h30m", "1.5h", "45")] == [
         1200, 90, 5400, 5400, 45]
@@ -156,6 +185,34 @@ def test_a_budgeted_run_plans_writes_its_plan_and_ends_near_its_deadline(
     model, meta = load_model(out)
     assert meta["val_acc"] == max(r["val_acc"] for r in rows)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_plan_only_prints_the_plan_and_what_it_was_weighed_against_and_trains_nothing(
+    seeded_speeds, cifar_dir, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    rc = main(["train", "--recipe", "cnn-baseline", "--budget", "1h", "--plan-only",
+               "--data-dir", str(cifar_dir), "--out", str(out), "--set", "data.val_size=100",
+               "--set", "run.threads=1"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and not out.exists(), printed
+    assert printed.startswith("plan for a 1h00m budget: cnn at 32 px") and "nothing trained" in printed
+    # The plans weighed: the probe alone and the other fine-tuning kind, best predicted first.
+    weighed = [line for line in printed.splitlines() if line.startswith("  instead of:")]
+    assert any("the probe alone" in line for line in weighed) and len(weighed) == 2, printed
+    assert "predicted finish" not in printed
+    rc = main(["train", "--plan-only", "--data-dir", str(cifar_dir)])
+    assert rc != 0 and "add --budget" in capsys.readouterr().err
+
+
+def test_the_machine_cache_tells_apart_kernels_lowered_by_environment(monkeypatch):
+    cpu = torch.device("cpu")
+    native, words = measure.machine_key(cpu), measure.describe_machine(cpu)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert measure.machine_key(cpu) != native and "oneDNN AVX2" in measure.describe_machine(cpu)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "NO AVX")
+    assert measure.machine_key(cpu) != native and measure.describe_machine(cpu) != words
 
 
 def test_a_budget_on_a_folder_plans_with_the_folders_own_image_counts(seeded_speeds, tmp_path):

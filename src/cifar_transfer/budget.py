@@ -83,7 +83,7 @@ class Cell:
     backbone: str
     resolution: int
     precision: str
-    mode: str  # train | infer
+    mode: str  # train | infer | extract (a run's compiled feature extraction, recorded by runs)
     batch_size: int
     freeze: str = "none"
 
@@ -148,6 +148,14 @@ class BudgetPlan:
             out.append("  no fine-tuning: the budget leaves too little time after the probe")
         return out
 
+    def alternative_lines(self) -> list[str]:
+        """The other plans weighed, best predicted first (what `--plan-only` adds)."""
+        rows = sorted(self.alternatives, key=lambda a: -a["predicted_val_acc"])
+        return ["  instead of: " + (
+            f"{a['resolution']} px, the probe alone" if a["kind"] == "probe" else
+            f"{a['resolution']} px, {a['epochs']:.2f} epochs of {a['kind']} fine-tuning"
+        ) + f": ~{a['predicted_val_acc']:.1f}%" for a in rows]
+
 
 def _fastest(tput: Mapping[Cell, float], cells: list[Cell]) -> tuple[Cell, float]:
     """The fastest of `cells` that was measured (fp32 on a tie)."""
@@ -169,14 +177,27 @@ def plan_budget(
     cheapest probe raises one UserError line saying what the probe needs.
     """
     priors = priors or PRIORS
+    # What earlier runs on this machine measured their compiled training-feature extraction at
+    # (often 2-3x the eager infer cell); without one the probe is priced at the eager speed.
+    extracted = {(k.backbone, k.resolution, k.precision): (k, v) for k, v in throughputs.items()
+                 if k.mode == "extract" and v > 0}
+
+    def extraction_s(infer: Cell) -> float:  # the probe's features: training, then val (eager)
+        speed = throughputs[infer]
+        key = (infer.backbone, infer.resolution, infer.precision)
+        return n_train / extracted.get(key, (infer, speed))[1] + n_val / speed
+
     plans: list[BudgetPlan] = []
     cheapest = math.inf
     for c in candidates:
         prior = priors.get(c.backbone, priors.get("default", Prior()))
         for r in c.resolutions:
-            infer, infer_speed = _fastest(throughputs, [
-                Cell(c.backbone, r, p, "infer", c.infer_batch) for p in c.precisions])
-            probe_s = (n_train + n_val) / infer_speed + PROBE_FIT_S * n_train
+            infer_cells = [Cell(c.backbone, r, p, "infer", c.infer_batch) for p in c.precisions]
+            _fastest(throughputs, infer_cells)  # one line if none was measured
+            infer = min((cell for cell in infer_cells if throughputs.get(cell, 0) > 0),
+                        key=lambda cell: (extraction_s(cell), cell.precision != "fp32"))
+            infer_speed = throughputs[infer]
+            probe_s = extraction_s(infer) + PROBE_FIT_S * n_train
             cheapest = min(cheapest, overhead_s + probe_s)
             left = budget_s * (1 - MARGIN) - overhead_s - probe_s
             if left < 0:
@@ -185,6 +206,9 @@ def plan_budget(
                     "probe_precision": infer.precision, "probe_seconds": probe_s,
                     "train_batch": c.train_batch, "overhead_seconds": overhead_s}
             used = {infer.text(): infer_speed}
+            if (c.backbone, r, infer.precision) in extracted:
+                cell, speed = extracted[c.backbone, r, infer.precision]
+                used[cell.text()] = speed
             plans.append(BudgetPlan(
                 **base, kind="probe", finetune_precision="", finetune_freeze="", epochs=0.0,
                 epoch_seconds=0.0, predicted_seconds=overhead_s + probe_s,

@@ -66,8 +66,11 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
     cfg = apply_overrides(cfg, phase_sets)
     now = dt.datetime.now()
     finish = now + dt.timedelta(seconds=plan.predicted_seconds - (time.monotonic() - t_start))
-    for line in plan.lines():
+    for line in plan.lines() + (plan.alternative_lines() if args.plan_only else []):
         print(line, flush=True)
+    if args.plan_only:
+        print(f"on {measure.describe_machine(device)}; --plan-only: nothing trained", flush=True)
+        return cfg, None, None
     print(f"predicted finish {finish:%H:%M:%S}, budget ends "
           f"{now + dt.timedelta(seconds=budget_s - (time.monotonic() - t_start)):%H:%M:%S}", flush=True)
     doc = {
@@ -88,15 +91,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cifar_transfer.datasets import default_recipe
 
     if args.resume:
-        if args.recipe or args.overrides or args.weights or args.tensorboard or args.budget:
+        if args.recipe or args.overrides or args.weights or args.tensorboard or args.budget \
+                or args.plan_only:
             raise UserError(
                 "--resume continues a run with its saved config: drop "
-                "--recipe/--set/--weights/--tensorboard/--budget (--data-dir is allowed: where "
+                "--recipe/--set/--weights/--tensorboard/--budget/--plan-only (--data-dir is allowed: where "
                 "the run's images are now)"
             )
         out = args.run_out = Path(args.resume)
         summary = train.resume(out, progress=not args.quiet, data_dir=args.data_dir)
     else:
+        if args.plan_only and not args.budget:
+            raise UserError("--plan-only prints a --budget run's plan: add --budget DURATION, e.g. 20m")
         # --budget without a recipe: fast-cpu's model and phases on CIFAR; on a folder, the folder
         # recipe's model, data settings and probe (a few hundred images: its probe is the model
         # to beat), then fast-cpu's fine-tuning phase if the budget leaves time for it.
@@ -115,6 +121,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if distributed.launched():
                 raise UserError("--budget plans a run of one process: start it without torchrun")
             cfg, deadline, write_plan = _budgeted(args, cfg, overrides, t_start, folder)
+            if args.plan_only:
+                return 0
         else:
             cfg = apply_overrides(cfg, overrides)
         if cfg.data.data_dir:  # saved with the run: relative, it would name another folder elsewhere
@@ -270,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", metavar="DURATION",
         help="train to a time budget (e.g. 20m, 1h): measure this machine, plan backbone, "
         "resolution, precision and epochs, stop cleanly at the deadline (plan in RUN_DIR/plan.json)",
+    )  # fmt: skip
+    p.add_argument(
+        "--plan-only", action="store_true",
+        help="with --budget: measure this machine, print the plan and the alternatives weighed, "
+        "and stop (nothing trained, no run dir)",
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument(

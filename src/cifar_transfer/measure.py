@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
 import platform
 import sys
 import time
@@ -54,13 +56,20 @@ def _cpu_model() -> str:
     return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
+def _kernels() -> str:
+    """The instruction sets torch's CPU kernels use: ATen's dispatch level and oneDNN's cap, which
+    ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA can lower below what the flags offer."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    return torch.backends.cpu.get_cpu_capability() + (f", oneDNN {isa.upper()}" if isa else "")
+
+
 def machine_key(device: torch.device) -> str:
-    """What makes measurements comparable: processor or GPU, threads, torch version."""
+    """What makes measurements comparable: processor or GPU, threads, kernels, torch version."""
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
         # The flags too: virtual machines often name every CPU "Intel(R) Xeon(R) Processor".
-        what = f"{_cpu_model()} x{torch.get_num_threads()} {_cpuinfo('flags')}"
+        what = f"{_cpu_model()} x{torch.get_num_threads()} {_cpuinfo('flags')} {_kernels()}"
     text = f"{what}|{device.type}|torch {torch.__version__}|{platform.machine()}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -69,7 +78,7 @@ def describe_machine(device: torch.device) -> str:
     """The machine in words, for plans and the recipes table."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()}, {torch.get_num_threads()} threads"
+    return f"{_cpu_model()}, {torch.get_num_threads()} threads, {_kernels()} kernels"
 
 
 class Throughputs:
@@ -100,6 +109,12 @@ class Throughputs:
             self.cells[text] = cell.img_per_s
             self._save()
         return self.cells[text]
+
+    def record(self, key: Cell, img_per_s: float) -> None:
+        """Keep a speed a run measured doing real work (e.g. its compiled feature extraction)."""
+        if img_per_s > 0 and math.isfinite(img_per_s):
+            self.cells[key.text()] = float(img_per_s)
+            self._save()
 
     def _save(self) -> None:
         if not distributed.is_main():
@@ -175,6 +190,11 @@ def plan_this_machine(cfg: Config, budget_s: float, device: torch.device, from_r
     t0 = time.monotonic()
     speeds = {cell: tput.get(cell, announce=True) for cell in cells_needed(candidates)}
     spent_s += time.monotonic() - t0
+    for c in candidates:  # what earlier runs here recorded for their compiled feature extraction
+        for cell in (Cell(c.backbone, r, p, "extract", cfg.run.eval_batch_size)
+                     for r in c.resolutions for p in c.precisions):
+            if cell.text() in tput.cells:
+                speeds[cell] = tput.cells[cell.text()]
     # The split's size (CIFAR-10/100's 50,000 or a folder's files, counted without decoding).
     n_train, n_val = split_counts(cfg)
     overhead = OVERHEAD_S.get(device.type, 20.0) * min(1.0, (n_train + n_val) / 50_000) + spent_s

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cifar_transfer import bundle, calibration, distributed, hardware, probe, rundir
+from cifar_transfer.budget import Cell
 from cifar_transfer.checkpoint import Best, TrainState, atomic_write_text, save_safetensors
 from cifar_transfer.config import Config, to_toml
 from cifar_transfer.data import default_cache_dir
@@ -38,6 +39,7 @@ from cifar_transfer.features import (
     weights_fingerprint,
 )
 from cifar_transfer.loop import Diverged, PhaseInputs, train_one_epoch, validate
+from cifar_transfer.measure import Throughputs
 from cifar_transfer.models import apply_freeze, create_model
 from cifar_transfer.optim import make_optimizer, make_scheduler
 from cifar_transfer.pacing import Deadline, Pacer
@@ -369,6 +371,20 @@ def run_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState
             break
 
 
+def _recording(extract: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+               cell: Cell) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`extract`, its images per second kept in this machine's measurement cache (measure.py)."""
+
+    def timed(images: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        feats = extract(images)
+        if distributed.is_main():
+            Throughputs(device).record(cell, len(images) / (time.perf_counter() - t0))
+        return feats
+
+    return timed
+
+
 def frozen_features(
     run: Run, plan: PhasePlan
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -394,13 +410,17 @@ def frozen_features(
                 cfg.model.backbone, backbone_fp, cfg.model.head, plan.resolution,
                 plan.precision, fingerprint(x, y),
             )  # fmt: skip
+            compiled = may_compile and should_compile(cfg.run.compile_features, len(x))
             extract = functools.partial(
                 extract_features, run.model, resolution=plan.resolution,
                 batch_size=cfg.run.eval_batch_size, precision=plan.precision,
                 channels_last=cfg.run.channels_last, desc=f"{name} features",
-                compile_model=may_compile and should_compile(cfg.run.compile_features, len(x)),
-                progress=run.log.console,
+                compile_model=compiled, progress=run.log.console,
             )  # fmt: skip
+            if compiled:  # its speed, compile included, prices the next --budget's probe here
+                extract = _recording(extract, run.device, Cell(
+                    cfg.model.backbone, plan.resolution, plan.precision, "extract",
+                    cfg.run.eval_batch_size))
             feats, s = cached_features(default_cache_dir() / "features", key, x, extract)
             out.append(feats)
             seconds += s
