@@ -38,9 +38,11 @@ class Prior:
     Fitted to EfficientNet-Lite0's measured runs (BENCHMARKS.md): the probe 87.56% at 128 px and
     89.94% at 160 px (probe_res_alpha); full fine-tuning (`fast-cpu`, 128 px, cosine) 94.98% after
     3 epochs and 95.36% after 4; partial (from-layer:100, 128 px, cosine) 92.90% after 1.39 epochs
-    (`--budget 10m`) and 94.70% after 5 (`seed-from-layer-100`); at 160 px the same 5 epochs end
-    at 95.54% (res_alpha; their first epochs: 93.54% against 92.66%). They rank plans against each other; they are
-    not a promise. Replace them with measured runs as they come.
+    (`--budget 10m`) and 94.70% after 5 (`seed-from-layer-100`); res_alpha and probe_res_alpha
+    are least-squares fits (log error against log resolution) to 160 px (the 5 epochs end at
+    95.54%; the probe 89.94%) and 224 px (`--budget 60m`: 95.90% after 3.57 epochs; the probe
+    91.04%). They rank plans against each other; they are not a promise. Replace them with
+    measured runs as they come.
     """
 
     probe_err: float = 12.44
@@ -48,8 +50,8 @@ class Prior:
     full_alpha: float = 0.27
     partial_e1: float = 7.65
     partial_alpha: float = 0.23
-    res_alpha: float = 0.77
-    probe_res_alpha: float = 0.95
+    res_alpha: float = 0.62
+    probe_res_alpha: float = 0.64
 
     def accuracy(self, kind: str, epochs: float, resolution: int) -> float:
         """Predicted validation accuracy (%) of the probe ("probe") or `epochs` of fine-tuning."""
