@@ -15,6 +15,7 @@ No torch here: the planner takes numbers and returns numbers; measure.py measure
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -29,20 +30,34 @@ MARGIN = 0.03  # of the budget, kept free for pace drift (the run re-plans as it
 PROBE_FIT_S = 40.0 / 45_000  # L-BFGS sweep seconds per training image (Lite0, 5 penalties)
 
 
+def _scale(table: tuple[tuple[int, float], ...], resolution: int) -> float:
+    """`table`'s factor at `resolution`: log-log interpolation between its measured resolutions,
+    the nearest segment's slope beyond them."""
+    points = sorted(table)
+    if len(points) == 1:
+        return points[0][1]
+    for (r0, f0), (r1, f1) in itertools.pairwise(points):
+        if resolution <= r1:
+            break
+    return f0 * (resolution / r0) ** (math.log(f1 / f0) / math.log(r1 / r0))
+
+
 @dataclass(frozen=True)
 class Prior:
     """Expected validation error (%) of a plan, before any run: err = e1 * epochs^-alpha for
-    fine-tuning from the probe's head, scaled by (128 / resolution)^res_alpha; the probe's own
-    error scales by (128 / resolution)^probe_res_alpha.
+    fine-tuning from the probe's head at 128 px, times the resolution's factor (res_factor); the
+    probe's own error at 128 px times probe_res_factor.
 
-    Fitted to EfficientNet-Lite0's measured runs (BENCHMARKS.md): the probe 87.56% at 128 px and
-    89.94% at 160 px (probe_res_alpha); full fine-tuning (`fast-cpu`, 128 px, cosine) 94.98% after
-    3 epochs and 95.36% after 4; partial (from-layer:100, 128 px, cosine) 92.90% after 1.39 epochs
-    (`--budget 10m`) and 94.70% after 5 (`seed-from-layer-100`); res_alpha and probe_res_alpha
-    are least-squares fits (log error against log resolution) to 160 px (the 5 epochs end at
-    95.54%; the probe 89.94%) and 224 px (`--budget 60m`: 95.90% after 3.57 epochs; the probe
-    91.04%). They rank plans against each other; they are not a promise. Replace them with
-    measured runs as they come.
+    Fitted to EfficientNet-Lite0's measured runs (BENCHMARKS.md): the probe 87.56% at 128 px,
+    89.94% at 160 px and 91.04% at 224 px; full fine-tuning (`fast-cpu`, 128 px, cosine) 94.98%
+    after 3 epochs and 95.36% after 4; partial (from-layer:100, cosine) at 128 px 92.90% after
+    1.39 epochs (`--budget 10m`) and 94.70% after 5 (`seed-from-layer-100`); at 160 px 95.54%
+    after 5, 94.82% after 2.09 (`--budget 20m`) and 95.78% after 7.58 (`--budget 60m`), error
+    0.80-0.88x of 128 px's; at 224 px 95.90% after 3.57 (`--budget 60m`) and 94.16% after 1
+    (`--budget 20m`), 0.72-0.76x. The gain per step of resolution shrinks toward Lite0's native
+    224 px, which one power law (tried: exponent 0.77 from 128/160, 0.62 over all) cannot hold.
+    They rank plans against each other; they are not a promise: plans within ~0.2 points are
+    a tie within one run's noise. Replace them with measured runs as they come.
     """
 
     probe_err: float = 12.44
@@ -50,16 +65,16 @@ class Prior:
     full_alpha: float = 0.27
     partial_e1: float = 7.65
     partial_alpha: float = 0.23
-    res_alpha: float = 0.62
-    probe_res_alpha: float = 0.64
+    res_factor: tuple[tuple[int, float], ...] = ((128, 1.0), (160, 0.84), (224, 0.74))
+    probe_res_factor: tuple[tuple[int, float], ...] = ((128, 1.0), (160, 0.809), (224, 0.720))
 
     def accuracy(self, kind: str, epochs: float, resolution: int) -> float:
         """Predicted validation accuracy (%) of the probe ("probe") or `epochs` of fine-tuning."""
-        err = self.probe_err * (128 / resolution) ** self.probe_res_alpha
+        err = self.probe_err * _scale(self.probe_res_factor, resolution)
         if kind != "probe" and epochs > 0:
             e1, alpha = (self.full_e1, self.full_alpha) if kind == "full" else (
                 self.partial_e1, self.partial_alpha)
-            err = min(err, e1 * epochs ** -alpha * (128 / resolution) ** self.res_alpha)
+            err = min(err, e1 * epochs ** -alpha * _scale(self.res_factor, resolution))
         return 100.0 - err
 
 
