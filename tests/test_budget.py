@@ -108,6 +108,20 @@ def test_a_run_keeps_its_compiled_extraction_speed_for_the_next_plan(monkeypatch
     assert seen[cell] == again.cells[cell.text()]
 
 
+def test_a_precision_far_slower_at_one_size_is_not_measured_at_larger_sizes():
+    four = Candidate(LITE.backbone, (224, 128, 160, 192))
+    avx2 = {cell: (20.0 if cell.precision == "bf16" else 300.0) for cell in budget.cells_needed([four])}
+    timed = []
+    got = budget.measure_cells([four], lambda cell: timed.append(cell) or avx2[cell])
+    # bf16 ran at 0.07x fp32 in every step at 128 px: timed there only, then dropped.
+    assert {c.precision for c in timed if c.resolution > 128} == {"fp32"}
+    assert len(timed) == len(got) == 3 * 2 + 3 * 3
+    assert plan(got, 60, [four]).finetune_precision == "fp32"
+    # Faster at one step (AMX: bf16 infers faster, trains slower) keeps it everywhere.
+    amx = {**avx2, **{c: 400.0 for c in avx2 if c.precision == "bf16" and c.mode == "infer"}}
+    assert budget.measure_cells([four], amx.__getitem__) == amx
+
+
 def test_budget_durations():  # and the head a budget needs
     assert [budget.parse_duration(t) for t in ("20m", "90s", "1h30m", "1.5h", "45")] == [
         1200, 90, 5400, 5400, 45]

@@ -121,6 +121,32 @@ def cells_needed(candidates: Sequence[Candidate]) -> list[Cell]:
     return out
 
 
+SLOW_PRECISION = 0.5  # below this fraction of another precision's speed in every step: dropped
+
+
+def measure_cells(candidates: Sequence[Candidate], speed: Callable[[Cell], float]) -> dict[Cell, float]:
+    """The throughputs `plan_budget` reads (cells_needed's), from `speed` (which measures), smaller
+    resolutions first. A precision that ran under SLOW_PRECISION x another's speed in every step
+    (inference and each training kind) at one size is not measured at the larger ones: it cannot
+    win there, and its steps are the slowest to time (bf16 without bf16 instructions runs at
+    0.05-0.1x fp32, seconds a step)."""
+    out: dict[Cell, float] = {}
+    for c in candidates:
+        precisions = tuple(c.precisions)
+        for r in sorted(c.resolutions):
+            got = {cell: speed(cell) for cell in cells_needed(
+                [dataclasses.replace(c, resolutions=(r,), precisions=precisions)])}
+            out.update(got)
+            best: dict[tuple, float] = {}
+            for cell, v in got.items():
+                step = (cell.mode, cell.batch_size, cell.freeze)
+                best[step] = max(best.get(step, 0.0), v)
+            precisions = tuple(p for p in precisions if any(
+                v >= SLOW_PRECISION * best[cell.mode, cell.batch_size, cell.freeze]
+                for cell, v in got.items() if cell.precision == p))
+    return out
+
+
 @dataclass
 class BudgetPlan:
     """What the run will do, and why: predictions from the throughputs it was based on."""

@@ -28,7 +28,7 @@ from cifar_transfer.budget import (
     BudgetPlan,
     Candidate,
     Cell,
-    cells_needed,
+    measure_cells,
     plan_budget,
     recipe_seconds,
 )
@@ -188,7 +188,7 @@ def plan_this_machine(cfg: Config, budget_s: float, device: torch.device, from_r
     candidates = candidates_for(cfg, device, from_recipe)
     tput = Throughputs(device)
     t0 = time.monotonic()
-    speeds = {cell: tput.get(cell, announce=True) for cell in cells_needed(candidates)}
+    speeds = measure_cells(candidates, lambda cell: tput.get(cell, announce=True))
     spent_s += time.monotonic() - t0
     for c in candidates:  # what earlier runs here recorded for their compiled feature extraction
         for cell in (Cell(c.backbone, r, p, "extract", cfg.run.eval_batch_size)
