@@ -77,6 +77,11 @@ def test_precision_is_chosen_per_phase_by_measurement_and_differs_between_machin
     cfg = budget.apply_plan(load_recipe("fast-cpu"), amx, load_recipe("fast-cpu").phases)
     assert [(p.optimizer, p.precision) for p in cfg.phases] == [("lbfgs", "bf16"), ("sgd", "fp32")]
     assert cfg.phases[1].epochs == math.ceil(amx.epochs)
+    # The deadline leaves room for the kept weights' last validation pass (their temperature fit).
+    val_s = 5_000 / AMX[Cell(LITE.backbone, amx.resolution, "fp32", "infer", 64)]
+    assert amx.final_val_seconds == pytest.approx(val_s)
+    assert amx.predicted_seconds == pytest.approx(
+        20 + amx.probe_seconds + amx.epochs * amx.epoch_seconds + val_s)
 
 
 def test_a_recorded_compiled_extraction_prices_the_probe_and_leaves_the_rest_to_fine_tuning():
@@ -101,7 +106,7 @@ def test_a_run_keeps_its_compiled_extraction_speed_for_the_next_plan(monkeypatch
     seen = {}
     monkeypatch.setattr(measure, "split_counts", lambda cfg: (45_000, 5_000))
     monkeypatch.setattr(measure, "plan_budget", lambda speeds, *a, **k: seen.update(speeds) or "plan")
-    for c in measure.cells_needed(measure.candidates_for(cfg, torch.device("cpu"), True)):
+    for c in budget.cells_needed(measure.candidates_for(cfg, torch.device("cpu"), True)):
         again.cells[c.text()] = 100.0
     again._save()
     measure.plan_this_machine(cfg, 600, torch.device("cpu"), True)
