@@ -263,17 +263,17 @@ def plan_budget(
                 train, train_speed = _fastest(throughputs, [
                     Cell(c.backbone, r, p, "train", c.train_batch, FREEZE[kind]) for p in c.precisions])
                 val_speed = throughputs.get(Cell(c.backbone, r, train.precision, "infer", c.infer_batch))
-                final_val_s = n_val / (val_speed or infer_speed)
-                epoch_s = n_train / train_speed + final_val_s
-                epochs = (left - final_val_s) / epoch_s
+                val_s = n_val / (val_speed or infer_speed)  # each epoch's pass, and the final one
+                epoch_s = n_train / train_speed + val_s
+                epochs = (left - val_s) / epoch_s
                 if epochs < MIN_EPOCHS:
                     continue
                 plans.append(BudgetPlan(
                     **base, kind=kind, finetune_precision=train.precision,
                     finetune_freeze=FREEZE[kind], epochs=epochs, epoch_seconds=epoch_s,
-                    predicted_seconds=overhead_s + probe_s + epochs * epoch_s + final_val_s,
+                    predicted_seconds=overhead_s + probe_s + epochs * epoch_s + val_s,
                     predicted_val_acc=prior.accuracy(kind, epochs, r),
-                    throughputs={**used, train.text(): train_speed}, final_val_seconds=final_val_s))
+                    throughputs={**used, train.text(): train_speed}, final_val_seconds=val_s))
     if not plans:
         raise UserError(
             f"a budget of {format_seconds(budget_s)} is below the probe's own cost on this machine "
