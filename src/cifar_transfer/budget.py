@@ -224,7 +224,7 @@ def plan_budget(
     """
     priors = priors or PRIORS
     # What earlier runs on this machine measured their compiled training-feature extraction at
-    # (often 2-3x the eager infer cell); without one the probe is priced at the eager speed.
+    # (2.2-2.4x the eager infer cell on machine C, BENCHMARKS.md); without one the probe is priced at the eager speed.
     extracted = {(k.backbone, k.resolution, k.precision): (k, v) for k, v in throughputs.items()
                  if k.mode == "extract" and v > 0}
 
