@@ -77,11 +77,24 @@ def test_precision_is_chosen_per_phase_by_measurement_and_differs_between_machin
     cfg = budget.apply_plan(load_recipe("fast-cpu"), amx, load_recipe("fast-cpu").phases)
     assert [(p.optimizer, p.precision) for p in cfg.phases] == [("lbfgs", "bf16"), ("sgd", "fp32")]
     assert cfg.phases[1].epochs == math.ceil(amx.epochs)
-    # The deadline leaves room for the kept weights' last validation pass (their temperature fit).
+    # Each epoch is priced with its validation pass, at the precision fine-tuning validates in;
+    # nothing after the last epoch (the temperature fit reuses the kept epoch's logits).
     val_s = 5_000 / AMX[Cell(LITE.backbone, amx.resolution, "fp32", "infer", 64)]
-    assert amx.final_val_seconds == pytest.approx(val_s)
-    assert amx.predicted_seconds == pytest.approx(
-        20 + amx.probe_seconds + amx.epochs * amx.epoch_seconds + val_s)
+    train_s = 45_000 / AMX[Cell(LITE.backbone, amx.resolution, "fp32", "train", 32, budget.FREEZE[amx.kind])]
+    assert amx.epoch_seconds == pytest.approx(train_s + val_s)
+    assert amx.predicted_seconds == pytest.approx(20 + amx.probe_seconds + amx.epochs * amx.epoch_seconds)
+
+
+def test_flip_tta_gets_one_validation_pass_after_fine_tuning_and_the_plan_says_so():
+    off = plan(AMX, 30)
+    on = plan_budget(AMX, 30 * 60, 45_000, 5_000, [LITE], overhead_s=20, tta=True)
+    val_s = 5_000 / AMX[Cell(LITE.backbone, on.resolution, "fp32", "infer", 64)]
+    assert (on.resolution, on.kind) == (off.resolution, off.kind)
+    assert on.tta_seconds == pytest.approx(val_s) and off.tta_seconds == 0
+    assert on.epochs == pytest.approx(off.epochs - val_s / off.epoch_seconds)
+    assert on.predicted_seconds == pytest.approx(off.predicted_seconds)  # the same deadline
+    assert any("flip TTA" in line for line in on.lines())
+    assert not any("TTA" in line for line in off.lines())
 
 
 def test_a_recorded_compiled_extraction_prices_the_probe_and_leaves_the_rest_to_fine_tuning():

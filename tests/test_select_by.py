@@ -23,8 +23,9 @@ def test_validate_reports_the_mean_recall_over_classes_next_to_accuracy():
         net.weight.copy_(torch.eye(2))
         net.bias.zero_()
     inputs = PhaseInputs(x, y, x, y, cached=True, resolution=32, mean=(0, 0, 0), std=(1, 1, 1))
-    _, acc, balanced = validate(net, inputs, batch_size=3, precision="fp32")
+    _, acc, balanced, logits = validate(net, inputs, batch_size=3, precision="fp32")
     assert acc == 0.75 and balanced == 0.5  # a majority guesser looks good on accuracy only
+    assert torch.equal(logits, x)  # every image's logits, in order, across batches
 
 
 def test_the_best_epoch_follows_select_by_and_model_json_keeps_the_accuracy(tmp_path):

@@ -11,10 +11,12 @@ from safetensors.torch import load_file
 from cifar_transfer import loop, rundir
 from cifar_transfer import train as train_mod
 from cifar_transfer.bundle import load_model
+from cifar_transfer.calibration import fit_temperature
 from cifar_transfer.config import apply_overrides, load_recipe
 from cifar_transfer.errors import UserError
 from cifar_transfer.features import extract_features
-from cifar_transfer.runs import evaluate_run
+from cifar_transfer.rundir import run_split
+from cifar_transfer.runs import evaluate_run, predict_split
 
 METRIC_KEYS = {
     "phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "seconds",
@@ -95,9 +97,8 @@ def test_a_phase_runs_at_its_own_precision(cifar_dir, tmp_path, monkeypatch):
     # Forward passes in order: each epoch's steps then its validation (one batch of 100): phase
     # 0's head in bf16, then every step and the validation of phase 1 in fp32.
     n_steps = -(-len(train_mod.load_data(cfg, torch.device("cpu")).train_y) // 50)
-    # Then one pass for the temperature fit, at the precision the kept weights were validated at.
-    kept = json.loads((tmp_path / "run" / "model.json").read_text())["precision"]
-    assert trained == ["bf16"] * (2 * (n_steps + 1)) + ["fp32"] * (n_steps + 1) + [kept]
+    # Nothing after: the temperature is fitted on the kept epoch's validation logits.
+    assert trained == ["bf16"] * (2 * (n_steps + 1)) + ["fp32"] * (n_steps + 1)
 
 
 def test_a_phase_precision_must_be_a_known_one(cifar_dir):
@@ -182,6 +183,23 @@ def test_keep_best_and_evaluate_reproduce_the_best_val_acc(cifar_dir, tmp_path):
     assert set(saved["per_class"]["cat"]) >= {"precision", "recall"}
     model, meta = load_model(tmp_path / "run")
     assert not model.training and meta["recipe"] == "cnn-baseline"
+
+
+def test_the_temperature_is_fitted_on_the_kept_epochs_logits_with_no_second_pass(
+    cifar_dir, tmp_path, monkeypatch
+):
+    # Fine-tuning's best epoch already scored every validation image: the temperature fit reads
+    # those logits (a pass at 224 px costs a CPU about 45 s), and they are what evaluate computes.
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the run scored the validation images again after training")
+
+    monkeypatch.setattr(train_mod, "predict_logits", no_second_pass)
+    cfg = tiny("cnn-baseline", cifar_dir, "phases.0.epochs=3", "phases.0.batch_size=32")
+    train_mod.train(cfg, tmp_path / "run", progress=False)
+    t = json.loads((tmp_path / "run" / "model.json").read_text())["temperature"]
+    preds = predict_split(tmp_path / "run", run_split(tmp_path / "run", split="val"))
+    assert preds.temperature == t != 1.0
+    assert t == pytest.approx(fit_temperature(preds.logits, preds.split.labels), rel=1e-4)
 
 
 def test_early_stopping_ends_a_phase_and_resume_does_not_reopen_it(cifar_dir, tmp_path):

@@ -165,9 +165,9 @@ class BudgetPlan:
     overhead_seconds: float
     predicted_seconds: float
     predicted_val_acc: float  # %, from PRIORS: a ranking, not a promise
-    # After fine-tuning, one more validation pass of the kept weights (their temperature fit):
-    # the run's deadline leaves room for it.
-    final_val_seconds: float = 0.0
+    # After fine-tuning, flip TTA's one pass over the mirror validation images (run.tta): the
+    # deadline leaves room for it. The prediction above is for the single view.
+    tta_seconds: float = 0.0
     throughputs: dict[str, float] = field(default_factory=dict)  # img/s by cell, as used
     alternatives: list[dict] = field(default_factory=list)  # the other plans considered
 
@@ -190,6 +190,11 @@ class BudgetPlan:
                 f"at batch {self.train_batch} in {self.finetune_precision}, "
                 f"~{format_seconds(self.epoch_seconds)} each, cosine schedule ending at the deadline"
             )
+            if self.tta_seconds:
+                out.append(
+                    f"  then flip TTA: the mirror images validated once (~{format_seconds(self.tta_seconds)}), "
+                    f"bundled if that scores higher (predictions then cost two passes; --set run.tta=off)"
+                )
         else:
             out.append("  no fine-tuning: the budget leaves too little time after the probe")
         return out
@@ -214,13 +219,14 @@ def _fastest(tput: Mapping[Cell, float], cells: list[Cell]) -> tuple[Cell, float
 def plan_budget(
     throughputs: Mapping[Cell, float], budget_s: float, n_train: int, n_val: int,
     candidates: Sequence[Candidate], overhead_s: float = 0.0,
-    priors: Mapping[str, Prior] | None = None,
+    priors: Mapping[str, Prior] | None = None, tta: bool = False,
 ) -> BudgetPlan:
     """The plan with the best predicted validation accuracy that fits `budget_s` seconds.
 
     `throughputs` are images per second by Cell (cells_needed lists them); `overhead_s` is what
-    the run spends outside the phases (data load, model build, bundle). A budget below the
-    cheapest probe raises one UserError line saying what the probe needs.
+    the run spends outside the phases (data load, model build, bundle); `tta`: after fine-tuning
+    the run scores the mirror validation images once (run.tta), which the plan leaves time for.
+    A budget below the cheapest probe raises one UserError line saying what the probe needs.
     """
     priors = priors or PRIORS
     # What earlier runs on this machine measured their compiled training-feature extraction at
@@ -263,17 +269,20 @@ def plan_budget(
                 train, train_speed = _fastest(throughputs, [
                     Cell(c.backbone, r, p, "train", c.train_batch, FREEZE[kind]) for p in c.precisions])
                 val_speed = throughputs.get(Cell(c.backbone, r, train.precision, "infer", c.infer_batch))
-                val_s = n_val / (val_speed or infer_speed)  # each epoch's pass, and the final one
+                # Each epoch's validation pass; the temperature fit at the end reuses the kept
+                # epoch's logits, so only flip TTA's pass over the mirror images follows them.
+                val_s = n_val / (val_speed or infer_speed)
                 epoch_s = n_train / train_speed + val_s
-                epochs = (left - val_s) / epoch_s
+                tta_s = val_s if tta else 0.0
+                epochs = (left - tta_s) / epoch_s
                 if epochs < MIN_EPOCHS:
                     continue
                 plans.append(BudgetPlan(
                     **base, kind=kind, finetune_precision=train.precision,
                     finetune_freeze=FREEZE[kind], epochs=epochs, epoch_seconds=epoch_s,
-                    predicted_seconds=overhead_s + probe_s + epochs * epoch_s + val_s,
+                    predicted_seconds=overhead_s + probe_s + epochs * epoch_s + tta_s,
                     predicted_val_acc=prior.accuracy(kind, epochs, r),
-                    throughputs={**used, train.text(): train_speed}, final_val_seconds=val_s))
+                    throughputs={**used, train.text(): train_speed}, tta_seconds=tta_s))
     if not plans:
         raise UserError(
             f"a budget of {format_seconds(budget_s)} is below the probe's own cost on this machine "

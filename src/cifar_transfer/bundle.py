@@ -89,6 +89,8 @@ def _meta_problem(meta: dict[str, Any]) -> str:
     t = meta.get("temperature", 1.0)  # absent in bundles from before calibration: T = 1
     if not _is_number(t) or t <= 0:
         return f"has temperature {t!r}, expected a positive number"
+    if meta.get("tta", "none") not in ("none", "flip"):  # absent before flip TTA: none
+        return f"has tta {meta.get('tta')!r}, expected \"none\" or \"flip\""
     return ""
 
 
@@ -102,7 +104,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
 
     The weights are in channels_last memory format, as training (by default) and predict use them;
     it takes NCHW-contiguous and channels_last inputs alike. Its logits are calibrated: divided by
-    model.json's temperature (model.temperature; 1.0 when the bundle has none).
+    model.json's temperature (model.temperature; 1.0 when the bundle has none), and the mean of
+    the image's and its mirror image's when model.json's tta is "flip" (model.flip_tta).
     """
     from cifar_transfer.models import create_model
 
@@ -122,4 +125,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
         first = str(e).splitlines()[0]
         raise UserError(f"{weights} does not fit {meta['backbone']}/{meta['head']} ({first})") from None
     model.temperature = temperature_of(meta)
+    model.flip_tta = meta.get("tta") == "flip"
     return model.to(device, memory_format=torch.channels_last).eval(), meta

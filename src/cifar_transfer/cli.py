@@ -55,6 +55,8 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
     budget_s = budget.parse_duration(args.budget)
     phase_sets = [o for o in overrides if o.strip().startswith("phases.")]
     cfg = apply_overrides(cfg, [o for o in overrides if o not in phase_sets])
+    if not any(o.strip().startswith("run.tta") for o in overrides):
+        cfg.run.tta = "auto"  # the best model in the time: flip TTA when it validates better
     fixed = bool(args.recipe) or folder or any(
         o.strip().startswith(("model.backbone", "model.resolution")) for o in overrides)
     hardware.set_threads(cfg.run.threads)
@@ -79,9 +81,9 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
         "predicted_finish": finish.isoformat(timespec="seconds"), "plan": plan.to_dict(),
         "measured_img_per_s": speeds,
     }  # fmt: skip
-    # After the deadline: loading the best weights, their temperature fit (a validation pass when
-    # fine-tuning ran: 23 s at 160 px here, which a 10-minute run once overran by) and the bundle.
-    reserve = 2.0 + 0.01 * budget_s + plan.final_val_seconds
+    # After the deadline: loading the best weights, flip TTA's pass over the mirror images, the
+    # temperature fit (on the logits the kept epoch's validation computed) and the bundle.
+    reserve = 2.0 + 0.01 * budget_s + plan.tta_seconds
     deadline = Deadline(t_start + budget_s - reserve)
     return cfg, deadline, lambda out: atomic_write_json(out / "plan.json", doc)
 
@@ -144,6 +146,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     acc = summary["val_acc"]
     score = "no validation split" if acc is None else f"val_acc {acc:.4f} (epoch {summary['best_epoch']})"
+    if summary.get("tta") == "flip":
+        score += f" with flip TTA ({summary['val_acc_single_view']:.4f} single view)"
     print(f"done: {score}, model in {out / 'model.safetensors'}")
     return 0
 

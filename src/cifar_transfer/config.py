@@ -22,6 +22,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 BATCHNORM_MODES = ("train", "eval")
 HEADS = ("linear", "mlp", "imagenet-top")
 SELECT_BY = ("accuracy", "balanced_accuracy")
+TTA = ("off", "flip", "auto")
 DATA_KINDS = ("auto", "cifar10", "cifar100", "folder")
 CIFAR100_LABELS = ("fine", "coarse")
 BAD_IMAGES = ("skip", "refuse")
@@ -108,6 +109,10 @@ class RunConfig:
     feature_cache: bool = True  # frozen phases without augmentation train the head on cached features
     keep_best: bool = True  # the final model is the epoch with the best val_acc
     select_by: str = "accuracy"  # or "balanced_accuracy": what "best epoch" means (imbalanced data)
+    # Test-time augmentation built into the bundle: "flip" averages each image's logits with its
+    # mirror image's (predictions cost two passes); "auto" does so when that validates better
+    # (one more validation pass at the end of training; --budget runs use it); "off" never.
+    tta: str = "off"
     tensorboard: bool = False  # also log every metrics row to RUN_DIR/tensorboard (pip extra)
 
 
@@ -277,6 +282,7 @@ def validate(cfg: Config) -> None:
         r.select_by in SELECT_BY,
         f"bad value for run.select_by: {r.select_by!r} (choose one of {', '.join(SELECT_BY)})",
     )
+    _check(r.tta in TTA, f"bad value for run.tta: {r.tta!r} (choose one of {', '.join(TTA)})")
     _check(r.eval_batch_size > 0, f"bad value for run.eval_batch_size: {r.eval_batch_size} (> 0)")
     _check(r.threads >= 0, f"bad value for run.threads: {r.threads} (0 = default, or > 0)")
     _check(len(cfg.phases) > 0, "bad value for phases: a recipe needs at least one [[phases]] table")

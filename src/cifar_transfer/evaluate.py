@@ -16,14 +16,16 @@ from cifar_transfer.transforms import to_model_input
 def batched_logits(
     forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int,
     precision: str, to_input: Callable[[torch.Tensor], torch.Tensor], tta: bool = False,
+    mirrored: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(start, float32 logits) for each batch of `images`, under autocast: the one forward pass
     that validation and `evaluate` share, so the bundle's val_acc is what `evaluate` prints.
-    `tta` averages with the mirror image (the cheapest TTA that pays on CIFAR)."""
+    `tta` averages with the mirror image (the cheapest TTA that pays on CIFAR); `mirrored` scores
+    the mirror images alone (a run that has the plain logits already: their mean is the TTA's)."""
     for start in range(0, len(images), batch_size):
         x = to_input(images[start : start + batch_size])
         with hardware.autocast(images.device, precision):
-            y = forward(x).float()
+            y = forward(torch.flip(x, dims=[3]) if mirrored else x).float()
             if tta:
                 y = (y + forward(torch.flip(x, dims=[3])).float()) / 2
         yield start, y
@@ -40,13 +42,15 @@ def predict_logits(
     precision: str,
     channels_last: bool = True,
     tta: bool = False,
+    mirrored: bool = False,
 ) -> torch.Tensor:
-    """Run the model in eval mode over uint8 images already on its device; float32 logits on CPU."""
+    """Run the model in eval mode over uint8 images already on its device; float32 logits on CPU
+    (of the mirror images with `mirrored`)."""
     was_training = model.training
     model.eval()
     out = [y.cpu() for _, y in batched_logits(
         model.forward, images, batch_size, precision,
-        lambda x: to_model_input(x, resolution, mean, std, channels_last), tta,
+        lambda x: to_model_input(x, resolution, mean, std, channels_last), tta, mirrored,
     )]  # fmt: skip
     model.train(was_training)
     dim = out[0].shape[1] if out else 0

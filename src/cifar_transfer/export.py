@@ -93,6 +93,7 @@ def export_metadata(meta: dict) -> dict:
         "output": "logits: (N, classes), calibrated (divided by `temperature` inside); "
         "softmax gives probabilities",
         "temperature": temperature_of(meta),
+        "tta": meta.get("tta", "none"),  # "flip": the graph averages each image with its mirror
     }
 
 

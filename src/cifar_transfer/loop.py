@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -155,26 +156,38 @@ def train_one_epoch(
     return EpochResult(loss_total / max(1, seen), hits / max(1, seen), seen, time.perf_counter() - t0)
 
 
+class Validation(NamedTuple):
+    """One validation pass: mean loss, accuracy, balanced accuracy (the mean recall over the
+    classes present), and the float32 logits of every validation image in order (one process;
+    None under torchrun, where each rank saw its slice only)."""
+
+    loss: float | None
+    acc: float | None
+    balanced: float | None
+    logits: torch.Tensor | None = None
+
+
 @torch.inference_mode()
-def validate(
-    net: torch.nn.Module, inputs: PhaseInputs, batch_size: int, precision: str
-) -> tuple[float | None, float | None, float | None]:
-    """(mean loss, accuracy, balanced accuracy) on the validation inputs, in eval mode; Nones
-    without any. Balanced accuracy is the mean recall over the classes present.
+def validate(net: torch.nn.Module, inputs: PhaseInputs, batch_size: int, precision: str) -> Validation:
+    """The validation inputs scored in eval mode; Nones without any.
 
     Batched exactly as `evaluate` batches the bundle's forward pass (same batch size, order and
-    autocast), so the bundle's val_acc is what `evaluate --split val` prints.
+    autocast), so the bundle's val_acc is what `evaluate --split val` prints, and the logits kept
+    are the ones `evaluate` would compute: the run fits its temperature on them, with no second
+    pass over the images.
     """
     n = len(inputs.val_y)
     if n == 0:  # val_size=0: nothing to measure (JSON has no NaN)
-        return None, None, None
+        return Validation(None, None, None)
     device = inputs.val_y.device
     was_training = net.training
     net.eval()
     part = distributed.shard(n)
     x, y = inputs.val_x[part], inputs.val_y[part]
     sums, per_class = torch.zeros(2, dtype=torch.float64, device=device), None
+    kept: list[torch.Tensor] = []
     for start, logits in batched_logits(net, x, batch_size, precision, inputs.model_input):
+        kept.append(logits)
         target = y[start : start + batch_size]
         right = logits.argmax(1) == target
         sums[0] += F.cross_entropy(logits, target, reduction="sum").double()
@@ -192,7 +205,8 @@ def validate(
     balanced = float((class_hits[present] / counts[present]).mean())
     # float32 division, as a float32 mean computes it, so the figure is the one `evaluate` prints
     # and best-epoch ties compare equal when a run resumes under another world size.
-    return loss_sum / n, float(torch.tensor(hits, dtype=torch.float32) / n), balanced
+    whole = torch.cat(kept) if kept and distributed.world_size() == 1 else None
+    return Validation(loss_sum / n, float(torch.tensor(hits, dtype=torch.float32) / n), balanced, whole)
 
 
 def _classes(net: torch.nn.Module) -> int:

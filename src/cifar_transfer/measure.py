@@ -198,7 +198,8 @@ def plan_this_machine(cfg: Config, budget_s: float, device: torch.device, from_r
     # The split's size (CIFAR-10/100's 50,000 or a folder's files, counted without decoding).
     n_train, n_val = split_counts(cfg)
     overhead = OVERHEAD_S.get(device.type, 20.0) * min(1.0, (n_train + n_val) / 50_000) + spent_s
-    plan = plan_budget(speeds, budget_s, n_train, n_val, candidates, overhead_s=overhead)
+    plan = plan_budget(speeds, budget_s, n_train, n_val, candidates, overhead_s=overhead,
+                       tta=cfg.run.tta != "off")
     return plan, {c.text(): v for c, v in speeds.items()}
 
 

@@ -37,6 +37,9 @@ class TransferModel(nn.Module):
         # Temperature scaling (calibration.py): a plain float, not a buffer, so the weights file
         # is unchanged; load_model sets it from model.json, and exports trace it as a constant.
         self.temperature = 1.0
+        # Flip TTA (run.tta): in eval mode the logits are the mean of the image's and its mirror
+        # image's, as `evaluate --tta` computes them; load_model sets it from model.json.
+        self.flip_tta = False
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Normalized images -> what the head consumes (pooled features or ImageNet logits)."""
@@ -45,6 +48,8 @@ class TransferModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Normalized images -> (B, num_classes) logits (divided by the temperature, in float32)."""
         logits = self.head(self.forward_features(x))
+        if self.flip_tta and not self.training:
+            logits = (logits.float() + self.head(self.forward_features(x.flip(3))).float()) / 2
         if self.temperature != 1.0:  # float32 first: bf16 rounding after / T could tie two classes
             logits = logits.float() / self.temperature
         return logits

@@ -115,7 +115,7 @@ def run_probe_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs) -> None:
         with torch.no_grad():
             head.weight.copy_(fit.weight.to(head.weight))
             head.bias.copy_(fit.bias.to(head.bias))
-        val_loss, val_acc, val_balanced = validate(
+        val_loss, val_acc, val_balanced, _ = validate(
             head, inputs, run.cfg.run.eval_batch_size, plan.precision
         )
         seconds = time.perf_counter() - t0

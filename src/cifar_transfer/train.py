@@ -117,7 +117,10 @@ class Run:
         self.plans = plan_phases(cfg, self.model.spec.resolution, self.device)
         self.gen = torch.Generator().manual_seed(cfg.run.seed + 1)
         self.last = Best()  # validation of the weights the run ends on (keep_best off)
-        self._temperature: tuple[int, float] | None = None  # (epoch, T) last fitted
+        self._temperature: tuple[tuple[int, str], float] | None = None  # ((epoch, tta), T) last fitted
+        # Validation logits by epoch, of the best and the last validated weights only: what the
+        # temperature fit reads instead of a second pass over the images.
+        self._logits: dict[int, torch.Tensor] = {}
         rows, best = [], None
         if self.state is not None:
             self._restore(self.state)
@@ -150,6 +153,13 @@ class Run:
         """The weights the model now holds scored `val_acc` (validated at the plan's settings)."""
         self.last = Best(-1.0 if val_acc is None else val_acc, self.log.epochs, plan.resolution,
                          plan.precision)
+
+    def keep_logits(self, epoch: int, logits: torch.Tensor | None) -> None:
+        """Hold epoch's validation logits while they are the best's or the last's."""
+        if logits is not None:
+            self._logits[epoch] = logits
+        keep = {self.log.best.epoch, self.last.epoch}
+        self._logits = {e: v for e, v in self._logits.items() if e in keep}
 
     def checkpoint(self, plan: PhasePlan, phase_epoch: int, done: bool, stale: int = 0,
                    optimizer=None, scheduler=None, ema=None) -> None:
@@ -213,7 +223,7 @@ class Run:
         if self.main and self.last.epoch > 0 and last >= best:
             summary = self._summary(self.last)
             if len(self.data.val_y):
-                summary["temperature"] = self._fit_temperature(self.last)
+                summary.update(self._calibrated(self.last, tta="off"))  # the last bundle tries TTA
             bundle.save_bundle(self.model, self.cfg, self.out, self.last.resolution, summary)
 
     def _summary(self, final: Best) -> dict:
@@ -243,34 +253,56 @@ class Run:
                 final = self.last
         summary = self._summary(final)
         if self.main and len(self.data.val_y):
-            summary["temperature"] = self._fit_temperature(final)
+            summary.update(self._calibrated(final, self.cfg.run.tta))
         if self.main:
             bundle.save_bundle(self.model, self.cfg, self.out, final.resolution, summary)
         self.log.close()
         return summary
 
-    def _fit_temperature(self, final: Best) -> float:
-        """Temperature scaling of the kept weights, fitted on the validation images' logits.
+    def _calibrated(self, final: Best, tta: str) -> dict:
+        """model.json's test-time views and temperature for the kept weights `final`.
 
-        Fitted once per validated epoch: a budgeted run's intermediate bundle and the final one
-        usually hold the same weights, and a second fit would cost a second validation pass.
+        With `tta` (run.tta) "flip", or "auto" and the kept epoch's own validation logits at hand,
+        the mirror images are scored once more: the bundle averages both views when `tta` is
+        "flip" or when that validates better, and its val_acc is then the averaged views' (what
+        `evaluate` reproduces). The temperature is fitted to the logits the bundle will output,
+        once per (epoch, views): a budgeted run's intermediate and final bundles often share them.
         """
-        if self._temperature is not None and self._temperature[0] == final.epoch > 0:
-            return self._temperature[1]
-        logits = self._val_logits(final).cpu()
-        labels = self.data.val_y.cpu()
-        t = calibration.fit_temperature(logits, labels)
-        before, after = (calibration.ece(calibration.scaled(logits, x).softmax(1), labels)
-                         for x in (1.0, t))  # fmt: skip
-        self.log.say(f"temperature {t:.3f} fitted on {len(labels)} validation images "
-                     f"(ECE {before:.2%} -> {after:.2%})")  # fmt: skip
-        self._temperature = (final.epoch, t)
-        return t
+        logits, labels = self._val_logits(final).cpu(), self.data.val_y.cpu()
+        out: dict = {"tta": "none"}
+        if tta == "flip" or (tta == "auto" and final.epoch in self._logits):
+            d, model = self.data, self.model
+            mirrored = predict_logits(
+                model, d.val_x, final.resolution, model.spec.mean, model.spec.std,
+                self.cfg.run.eval_batch_size, final.precision, self.cfg.run.channels_last,
+                mirrored=True,
+            )  # fmt: skip
+            both = (logits + mirrored) / 2
+            single, flipped = (float((x.argmax(1) == labels).float().mean()) for x in (logits, both))
+            keep = tta == "flip" or flipped > single
+            self.log.say(f"flip TTA (run.tta={tta}): val_acc {single:.4f} single view, {flipped:.4f} "
+                         f"with the mirror image: {'bundled' if keep else 'not bundled'}")  # fmt: skip
+            if keep:
+                logits = both
+                out = {"tta": "flip", "val_acc": flipped, "val_acc_single_view": single}
+        key = (final.epoch, out["tta"])
+        if self._temperature is None or self._temperature[0] != key or final.epoch <= 0:
+            t = calibration.fit_temperature(logits, labels)
+            before, after = (calibration.ece(calibration.scaled(logits, x).softmax(1), labels)
+                             for x in (1.0, t))  # fmt: skip
+            self.log.say(f"temperature {t:.3f} fitted on {len(labels)} validation images "
+                         f"(ECE {before:.2%} -> {after:.2%})")  # fmt: skip
+            self._temperature = (key, t)
+        out["temperature"] = self._temperature[1]
+        return out
 
     def _val_logits(self, final: Best) -> torch.Tensor:
         """The kept weights' validation logits at the resolution and precision they were validated
-        at: from the frozen-feature cache when a cached phase left their features there (the
-        probe recipes: no second pass of the backbone), else one pass as `evaluate` runs it."""
+        at: the ones their epoch's validation computed (fine-tuning), else from the frozen-feature
+        cache when a cached phase left their features there (the probe: no second pass of the
+        backbone), else (a resumed run, torchrun) one pass as `evaluate` runs it."""
+        if final.epoch in self._logits:
+            return self._logits[final.epoch]
         d, cfg, model = self.data, self.cfg, self.model
         key = cache_key(
             cfg.model.backbone, weights_fingerprint(model.backbone), cfg.model.head,
@@ -335,7 +367,7 @@ def run_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState
                 f"({phase.lr}); the last good checkpoint is {run.out / rundir.LAST}"
             ) from None
         t_val = time.perf_counter()
-        val_loss, val_acc, val_balanced = validate(
+        val_loss, val_acc, val_balanced, val_logits = validate(
             evaluated.head if plan.cached else evaluated, inputs, run.cfg.run.eval_batch_size,
             plan.precision,
         )  # fmt: skip
@@ -349,6 +381,7 @@ def run_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState
         log.log(row, phase.epochs)
         run.keep_if_best(row, plan, evaluated)
         run.ended_on(val_acc, plan)
+        run.keep_logits(row["epoch"], val_logits)
         score = log.score(row)
         if score is not None:
             stale = 0 if score > best_here else stale + 1
