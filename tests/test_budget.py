@@ -76,7 +76,8 @@ def test_precision_is_chosen_per_phase_by_measurement_and_differs_between_machin
     assert amx.throughputs and all(v > 0 for v in amx.throughputs.values())
     cfg = budget.apply_plan(load_recipe("fast-cpu"), amx, load_recipe("fast-cpu").phases)
     assert [(p.optimizer, p.precision) for p in cfg.phases] == [("lbfgs", "bf16"), ("sgd", "fp32")]
-    assert cfg.phases[1].epochs == math.ceil(amx.epochs)
+    assert cfg.phases[1].schedule_epochs == amx.epochs  # the cosine's planned length
+    assert cfg.phases[1].epochs == math.ceil(amx.epochs * budget.STRETCH)  # how far it may stretch
     # Each epoch is priced with its validation pass, at the precision fine-tuning validates in;
     # nothing after the last epoch (the temperature fit reuses the kept epoch's logits).
     val_s = 5_000 / AMX[Cell(LITE.backbone, amx.resolution, "fp32", "infer", 64)]
@@ -156,7 +157,7 @@ def test_a_shortened_cosine_stays_continuous_and_ends_at_its_new_end():
     plain, cut = StepSchedule(100, 10, True), StepSchedule(100, 10, True)
     assert [plain(s) for s in range(100)] == [cut(s) for s in range(100)]
     before = cut(40)
-    cut.shorten(40, 60)
+    cut.refit(40, 60)
     assert cut(40) == pytest.approx(before) and cut(59) < 0.01 and cut.done(60)
     assert all(cut(s) >= cut(s + 1) for s in range(40, 60))
 
@@ -173,7 +174,28 @@ def test_the_pacer_fits_the_schedule_to_the_deadline_when_the_pace_drifts():
             stopped_at = clock[0]
             break
     assert stopped_at is not None and 95 <= stopped_at <= 100
-    assert pacer.shortened >= 1 and schedule(pacer.step - 1) < 0.05  # the cosine came to its end
+    assert pacer.refits >= 1 and schedule(pacer.step - 1) < 0.05  # the cosine came to its end
+
+
+def test_the_pacer_stretches_the_schedule_when_it_runs_ahead_but_never_past_the_phase():
+    clock = [0.0]
+    deadline = Deadline(100.0, clock=lambda: clock[0])
+    schedule = StepSchedule(100, 0, True, ceiling=300)  # planned at 1 step/s; it runs at 2
+    pacer = Pacer(deadline, schedule, steps_per_epoch=100, val_images=0, batch_size=32)
+    lrs, stopped_at = [], None
+    for _ in range(1000):
+        clock[0] += 0.5
+        lrs.append(schedule(pacer.step))
+        if pacer():
+            stopped_at = clock[0]
+            break
+    assert stopped_at is not None and 95 <= stopped_at <= 100  # used the time, not 50 s of it
+    assert 180 <= pacer.step <= 200 and pacer.refits >= 1
+    assert max(abs(a - b) for a, b in itertools.pairwise(lrs)) < 0.05  # continuous: no jump on a refit
+    assert schedule(pacer.step - 1) < 0.05  # and it still came to its end
+    fast = StepSchedule(100, 0, True, ceiling=150)
+    fast.refit(10, 1000)
+    assert fast.total == 150  # never past the phase's own epochs
 
 
 @pytest.fixture

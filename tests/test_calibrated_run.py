@@ -93,22 +93,30 @@ def test_an_old_bundle_without_temperature_loads_and_calibrate_fits_one(run, tmp
         load_model(bad)
 
 
-def test_exports_output_calibrated_logits_and_keep_parity(run, images, tmp_path):
-    pytest.importorskip("onnxruntime")
+def exported_logits(run_dir: Path, images: torch.Tensor, tmp_path: Path):
+    """(format, the exported file's logits on images, its metadata) for each export format, each
+    export having passed its own parity check against the bundle."""
     from cifar_transfer import export
 
+    for fmt in export.FORMATS:
+        out = tmp_path / f"model{export.SUFFIX[fmt]}"
+        result = export.export_run(run_dir, fmt, out, parity_images=images)
+        assert result["ok"] and result["max_abs_diff"] < export.PARITY_TOLERANCE
+        if fmt == "onnx":
+            session = export.onnx_session(out)
+            yield fmt, export.onnx_logits(session, images), session.get_modelmeta().custom_metadata_map
+        else:
+            module = export.torchscript_module(out.read_bytes())
+            yield fmt, export.torchscript_logits(module, images), None
+
+
+def test_exports_output_calibrated_logits_and_keep_parity(run, images, tmp_path):
+    pytest.importorskip("onnxruntime")
     hot = set_temperature(run, tmp_path / "hot", 2.5)
     model, meta = load_model(hot)
     model.temperature = 1.0
     expected = logits_of(model, meta, images) / 2.5
-    for fmt in export.FORMATS:
-        out = tmp_path / f"model{export.SUFFIX[fmt]}"
-        result = export.export_run(hot, fmt, out, parity_images=images)
-        assert result["ok"] and result["max_abs_diff"] < export.PARITY_TOLERANCE
+    for fmt, got, onnx_meta in exported_logits(hot, images, tmp_path):
         if fmt == "onnx":
-            session = export.onnx_session(out)
-            got = export.onnx_logits(session, images)
-            assert json.loads(session.get_modelmeta().custom_metadata_map["temperature"]) == 2.5
-        else:
-            got = export.torchscript_logits(export.torchscript_module(out.read_bytes()), images)
+            assert json.loads(onnx_meta["temperature"]) == 2.5
         assert torch.allclose(got, expected, atol=1e-3)

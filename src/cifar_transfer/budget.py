@@ -300,6 +300,9 @@ def plan_budget(
     return best
 
 
+STRETCH = 1.2  # a budgeted fine-tuning phase may run to this multiple of its planned epochs
+
+
 def apply_plan(cfg: Config, plan: BudgetPlan, template: list[PhaseConfig]) -> Config:
     """`cfg` with the plan's backbone, resolution and phases: the template's probe phase, then its
     fine-tuning phase (lr scaled linearly with the batch) when the plan fine-tunes."""
@@ -314,9 +317,12 @@ def apply_plan(cfg: Config, plan: BudgetPlan, template: list[PhaseConfig]) -> Co
     probe = dataclasses.replace(probe_t, precision=plan.probe_precision, resolution=0)
     cfg.phases = [probe]
     if plan.kind != "probe":
-        epochs = math.ceil(plan.epochs)
+        # The cosine is planned for plan.epochs; the pacer may stretch it by up to a fifth when
+        # the run is ahead of its plan (the probe took less time than priced, a faster pace).
+        epochs = math.ceil(plan.epochs * STRETCH)
         cfg.phases.append(dataclasses.replace(
-            tune_t, epochs=epochs, freeze=plan.finetune_freeze, precision=plan.finetune_precision,
+            tune_t, epochs=epochs, schedule_epochs=plan.epochs, freeze=plan.finetune_freeze,
+            precision=plan.finetune_precision,
             batch_size=plan.train_batch, lr=tune_t.lr * plan.train_batch / tune_t.batch_size,
             resolution=0, early_stop_patience=0,
             warmup_epochs=min(tune_t.warmup_epochs, plan.epochs / 10),
@@ -376,5 +382,6 @@ def recipe_seconds(cfg: Config, speed: Callable[[Cell], float], native: int,
             total += PROBE_FIT_S * n_train * (len(p.l2_values) / 5 if p.optimizer == "lbfgs" else 0.1)
             continue
         train = speed(Cell(cfg.model.backbone, res, precision, "train", p.batch_size, p.freeze))
-        total += p.epochs * (n_train / train + n_val / infer)
+        epochs = min(p.epochs, p.schedule_epochs or p.epochs)  # a schedule ends the phase
+        total += epochs * (n_train / train + n_val / infer)
     return total

@@ -68,6 +68,10 @@ class PhaseConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
+    # The cosine's planned length in epochs, fractional, at most `epochs` (0 = `epochs`); a
+    # --budget run sets it, and its pacer moves the end to the deadline: earlier, or later up to
+    # `epochs`.
+    schedule_epochs: float = 0.0
     label_smoothing: float = 0.0
     augment: str = "crop-flip"
     batch_size: int = 128
@@ -306,6 +310,8 @@ def validate(cfg: Config) -> None:
         _check(p.weight_decay >= 0, f"bad value for {k}.weight_decay: {p.weight_decay} (>= 0)")
         _check(0 <= p.momentum < 1, f"bad value for {k}.momentum: {p.momentum} (in [0, 1))")
         _check(p.warmup_epochs >= 0, f"bad value for {k}.warmup_epochs: {p.warmup_epochs} (>= 0)")
+        _check(p.schedule_epochs >= 0,
+               f"bad value for {k}.schedule_epochs: {p.schedule_epochs} (0 = epochs, else > 0)")
         _check(
             0 <= p.label_smoothing < 1,
             f"bad value for {k}.label_smoothing: {p.label_smoothing} (in [0, 1))",

@@ -29,8 +29,12 @@ def make_optimizer(model: torch.nn.Module, phase: PhaseConfig) -> torch.optim.Op
 def make_scheduler(
     optimizer: torch.optim.Optimizer, phase: PhaseConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step LR schedule: constant or cosine (both with linear warmup), or one-cycle."""
-    total = max(1, phase.epochs * steps_per_epoch)
+    """Per-step LR schedule: constant or cosine (both with linear warmup), or one-cycle (which
+    always spans the phase's `epochs`: it cannot be refitted)."""
+    ceiling = max(1, phase.epochs * steps_per_epoch)
+    # A budgeted phase plans fractional epochs (schedule_epochs) and may stretch to `epochs`.
+    planned = phase.schedule_epochs if phase.schedule != "onecycle" else 0
+    total = min(ceiling, max(1, round((planned or phase.epochs) * steps_per_epoch)))
     warmup = min(total - 1, round(phase.warmup_epochs * steps_per_epoch))
     if phase.schedule == "onecycle":
         pct = warmup / total if warmup > 0 else 0.25
@@ -39,19 +43,21 @@ def make_scheduler(
             cycle_momentum=phase.optimizer == "sgd", div_factor=25.0, final_div_factor=1e3,
         )
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, StepSchedule(total, warmup, phase.schedule == "cosine"))
+        optimizer, StepSchedule(total, warmup, phase.schedule == "cosine", ceiling))
 
 
 class StepSchedule:
     """LR factor by step: linear warmup, then cosine to zero at `total` (or constant).
 
-    `shorten` ends the schedule earlier (a budgeted run behind its pace): the cosine goes on from
-    where it is and reaches zero at the new end, so the learning rate never jumps. A callable
-    object, not a function, so LambdaLR's state_dict saves and restores it (with a checkpoint).
+    `refit` moves the end: earlier (a budgeted run behind its pace) or later, up to `ceiling` (a
+    run ahead of it); the cosine goes on from where it is and reaches zero at the new end, so the
+    learning rate never jumps. A callable object, not a function, so LambdaLR's state_dict saves
+    and restores it (with a checkpoint).
     """
 
-    def __init__(self, total: int, warmup: int, cosine: bool) -> None:
+    def __init__(self, total: int, warmup: int, cosine: bool, ceiling: int = 0) -> None:
         self.total, self.warmup, self.cosine = total, warmup, cosine
+        self.ceiling = max(ceiling, total)  # the latest end `refit` may move to (the phase's steps)
         self.anchor_step, self.anchor_progress = warmup, 0.0  # cosine progress at anchor_step
 
     def progress(self, step: int) -> float:
@@ -66,11 +72,11 @@ class StepSchedule:
             return 1.0
         return 0.5 * (1.0 + math.cos(math.pi * self.progress(step)))
 
-    def shorten(self, step: int, total: int) -> None:
-        """End at step `total` instead (never later than planned, never before `step` + 1)."""
+    def refit(self, step: int, total: int) -> None:
+        """End at step `total` instead (never after `ceiling`, never before `step` + 1)."""
         anchor = max(step, self.warmup)
-        total = max(total, anchor + 1)
-        if total >= self.total:
+        total = min(max(total, anchor + 1), getattr(self, "ceiling", self.total))  # older checkpoints: none
+        if total == self.total:
             return
         self.anchor_progress = self.progress(anchor)
         self.anchor_step, self.total = anchor, total

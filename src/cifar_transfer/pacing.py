@@ -2,10 +2,12 @@
 
 `Deadline` is the wall-clock end of a budgeted run (less what the final bundle needs). A `Pacer`
 is called after every optimizer step: it measures the pace (seconds per step, validation seconds
-per epoch end), and when the steps left in the schedule no longer fit before the deadline it
-shortens the cosine schedule (optim.StepSchedule.shorten: the learning rate stays continuous and
-reaches its end at the deadline). It answers True, "stop now", when the schedule has ended or
-the deadline has come: the loop then validates, keeps the best and checkpoints, cleanly.
+per epoch end), and moves the cosine schedule's end to the last step that fits before the
+deadline (optim.StepSchedule.refit: the learning rate stays continuous and reaches its end at
+the deadline): earlier when the pace falls behind the plan, later (up to the phase's epochs)
+when it runs ahead, e.g. after a probe that took less than planned. It answers True, "stop
+now", when the schedule has ended or the deadline has come: the loop then validates, keeps the
+best and checkpoints, cleanly.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class Pacer:
         self.steps0 = 0
         self.val_s: float | None = None  # measured seconds of one validation
         self.last_check = -1e9
-        self.shortened = 0  # how many times the schedule was shortened (for the log)
+        self.refits = 0  # how many times the schedule's end was moved (for the log)
 
     def validated(self, seconds: float) -> None:
         """An epoch end (validation, checkpoint) took `seconds`: reserved before each later one."""
@@ -87,10 +89,10 @@ class Pacer:
         replan = self.schedule is not None and math.isfinite(self.deadline.end)
         if step_s is not None and now - self.last_check >= RECHECK_S and replan:
             self.last_check = now
-            end = self.step + self.steps_that_fit(step_s, now)
-            if end < self.schedule.total:
-                self.schedule.shorten(self.step, end)
-                self.shortened += 1
+            end, before = self.step + self.steps_that_fit(step_s, now), self.schedule.total
+            if end != before:
+                self.schedule.refit(self.step, end)
+                self.refits += self.schedule.total != before
                 return self.schedule.done(self.step)
         return False
 

@@ -262,15 +262,17 @@ class Run:
     def _calibrated(self, final: Best, tta: str) -> dict:
         """model.json's test-time views and temperature for the kept weights `final`.
 
-        With `tta` (run.tta) "flip", or "auto" and the kept epoch's own validation logits at hand,
-        the mirror images are scored once more: the bundle averages both views when `tta` is
-        "flip" or when that validates better, and its val_acc is then the averaged views' (what
-        `evaluate` reproduces). The temperature is fitted to the logits the bundle will output,
-        once per (epoch, views): a budgeted run's intermediate and final bundles often share them.
+        With `tta` (run.tta) "flip", or "auto" and weights that validated on images (not on
+        cached features: a probe's bundle stays one pass), the mirror images are scored once more:
+        the bundle averages both views when `tta` is "flip" or when that validates better, and its
+        val_acc is then the averaged views' (what `evaluate` reproduces: both views from the same
+        eager forward pass). The temperature is fitted to the logits the bundle will output, once
+        per (epoch, views): a budgeted run's intermediate and final bundles often share them.
         """
-        logits, labels = self._val_logits(final).cpu(), self.data.val_y.cpu()
+        flip = tta == "flip" or (tta == "auto" and self._validated_on_images(final.epoch))
+        logits, labels = self._val_logits(final, live=flip).cpu(), self.data.val_y.cpu()
         out: dict = {"tta": "none"}
-        if tta == "flip" or (tta == "auto" and final.epoch in self._logits):
+        if flip:
             d, model = self.data, self.model
             mirrored = predict_logits(
                 model, d.val_x, final.resolution, model.spec.mean, model.spec.std,
@@ -296,11 +298,16 @@ class Run:
         out["temperature"] = self._temperature[1]
         return out
 
-    def _val_logits(self, final: Best) -> torch.Tensor:
+    def _validated_on_images(self, epoch: int) -> bool:
+        """Whether `epoch` was validated by a pass over the images (not over cached features)."""
+        phases = [r["phase"] for r in self.log.rows if r["epoch"] == epoch]
+        return bool(phases) and not self.plans[phases[-1]].cached
+
+    def _val_logits(self, final: Best, live: bool = False) -> torch.Tensor:
         """The kept weights' validation logits at the resolution and precision they were validated
         at: the ones their epoch's validation computed (fine-tuning), else from the frozen-feature
         cache when a cached phase left their features there (the probe: no second pass of the
-        backbone), else (a resumed run, torchrun) one pass as `evaluate` runs it."""
+        backbone; not when `live`), else (a resumed run, torchrun) one pass as `evaluate` runs it."""
         if final.epoch in self._logits:
             return self._logits[final.epoch]
         d, cfg, model = self.data, self.cfg, self.model
@@ -308,8 +315,8 @@ class Run:
             cfg.model.backbone, weights_fingerprint(model.backbone), cfg.model.head,
             final.resolution, final.precision, fingerprint(d.val_x, d.val_y),
         )  # fmt: skip
-        feats = load_cached(default_cache_dir() / "features" / f"{key}.safetensors", len(d.val_y),
-                            self.device)
+        feats = None if live else load_cached(
+            default_cache_dir() / "features" / f"{key}.safetensors", len(d.val_y), self.device)
         if feats is None:
             return predict_logits(
                 model, d.val_x, final.resolution, model.spec.mean, model.spec.std,
@@ -347,7 +354,7 @@ def run_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState
     best_here = log.phase_best(plan.index)
     pacer = None
     schedule = getattr(scheduler, "lr_lambdas", [None])[0]
-    schedule = schedule if hasattr(schedule, "shorten") else None
+    schedule = schedule if hasattr(schedule, "refit") else None
     shortened = schedule is not None and schedule.total < phase.epochs * steps_per_epoch
     if run.deadline is not None or shortened:
         # A budgeted run: the schedule ends at the deadline. Resumed without one, the phase
@@ -399,8 +406,8 @@ def run_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState
             log.say(f"early stop: {phase.name} had no val_acc gain for {stale} epochs")
             break
         if timed_out and epoch + 1 < phase.epochs:
-            log.say(f"budget: {phase.name} ended after {pacer.step} of its {steps_per_epoch * phase.epochs} "
-                    f"planned steps (schedule fitted to the deadline {pacer.shortened} times)")
+            log.say(f"budget: {phase.name} ended after {pacer.step} steps ({pacer.step / steps_per_epoch:.2f} "
+                    f"epochs; its schedule's end moved to fit the deadline {pacer.refits} times)")
             break
 
 
