@@ -75,7 +75,7 @@ class StepSchedule:
     def refit(self, step: int, total: int) -> None:
         """End at step `total` instead (never after `ceiling`, never before `step` + 1)."""
         anchor = max(step, self.warmup)
-        total = min(max(total, anchor + 1), getattr(self, "ceiling", self.total))  # older checkpoints: none
+        total = min(max(total, anchor + 1), self.ceiling)
         if total == self.total:
             return
         self.anchor_progress = self.progress(anchor)

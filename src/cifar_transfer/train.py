@@ -263,14 +263,15 @@ class Run:
         """model.json's test-time views and temperature for the kept weights `final`.
 
         With `tta` (run.tta) "flip", or "auto" and weights that validated on images (not on
-        cached features: a probe's bundle stays one pass), the mirror images are scored once more:
-        the bundle averages both views when `tta` is "flip" or when that validates better, and its
-        val_acc is then the averaged views' (what `evaluate` reproduces: both views from the same
-        eager forward pass). The temperature is fitted to the logits the bundle will output, once
-        per (epoch, views): a budgeted run's intermediate and final bundles often share them.
+        cached features: a probe's bundle stays one pass, and a budget reserves the mirror pass
+        after fine-tuning only), the mirror images are scored once more: the bundle averages both
+        views when `tta` is "flip" or when that validates better, and its val_acc is then the
+        averaged views' (what `evaluate` reproduces). The temperature is fitted to the logits the
+        bundle will output, once per (epoch, views): a budgeted run's intermediate and final
+        bundles often share them.
         """
         flip = tta == "flip" or (tta == "auto" and self._validated_on_images(final.epoch))
-        logits, labels = self._val_logits(final, live=flip).cpu(), self.data.val_y.cpu()
+        logits, labels = self._val_logits(final).cpu(), self.data.val_y.cpu()
         out: dict = {"tta": "none"}
         if flip:
             d, model = self.data, self.model
@@ -303,11 +304,12 @@ class Run:
         phases = [r["phase"] for r in self.log.rows if r["epoch"] == epoch]
         return bool(phases) and not self.plans[phases[-1]].cached
 
-    def _val_logits(self, final: Best, live: bool = False) -> torch.Tensor:
+    def _val_logits(self, final: Best) -> torch.Tensor:
         """The kept weights' validation logits at the resolution and precision they were validated
         at: the ones their epoch's validation computed (fine-tuning), else from the frozen-feature
         cache when a cached phase left their features there (the probe: no second pass of the
-        backbone; not when `live`), else (a resumed run, torchrun) one pass as `evaluate` runs it."""
+        backbone; validation features are extracted eagerly, as `evaluate` runs the bundle), else
+        (a resumed run, torchrun) one pass as `evaluate` runs it."""
         if final.epoch in self._logits:
             return self._logits[final.epoch]
         d, cfg, model = self.data, self.cfg, self.model
@@ -315,8 +317,8 @@ class Run:
             cfg.model.backbone, weights_fingerprint(model.backbone), cfg.model.head,
             final.resolution, final.precision, fingerprint(d.val_x, d.val_y),
         )  # fmt: skip
-        feats = None if live else load_cached(
-            default_cache_dir() / "features" / f"{key}.safetensors", len(d.val_y), self.device)
+        feats = load_cached(default_cache_dir() / "features" / f"{key}.safetensors", len(d.val_y),
+                            self.device)
         if feats is None:
             return predict_logits(
                 model, d.val_x, final.resolution, model.spec.mean, model.spec.std,
