@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from cifar_transfer.features import extract_features
-from cifar_transfer.models import create_model
+from cifar_transfer.models.transfer import create_model
+from cifar_transfer.training.features import extract_features
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cifar_transfer.folder import decode_files
+from cifar_transfer.data.folder import decode_files
 
 SIZES = ((640, 480), (1024, 768), (1600, 1200), (2048, 1536), (3024, 4032), (4032, 3024))
 

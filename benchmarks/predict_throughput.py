@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cifar_transfer.data import load_split, resolve_data_dir
-from cifar_transfer.predict import load_predictor, predict_paths
+from cifar_transfer.data.cifar10 import load_split, resolve_data_dir
+from cifar_transfer.results.predict import load_predictor, predict_paths
 
 
 def main() -> None:

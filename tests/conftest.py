@@ -58,7 +58,7 @@ def tiny_run(cifar_dir, tmp_path_factory) -> Path:
     Shared by several modules: never write into it; a module copies it (shutil.copytree) first.
     """
     from cifar_transfer.config import apply_overrides, load_recipe
-    from cifar_transfer.train import train
+    from cifar_transfer.training.run import train
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     cfg = apply_overrides(load_recipe("cnn-baseline"), [
@@ -80,7 +80,7 @@ def run(tiny_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def images(cifar_dir) -> torch.Tensor:
     """Twenty raw uint8 CIFAR-format images."""
-    from cifar_transfer.data import load_split
+    from cifar_transfer.data.cifar10 import load_split
 
     return load_split(cifar_dir, "train")[0][:20]
 

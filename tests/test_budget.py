@@ -11,16 +11,16 @@ import time
 import pytest
 import torch
 
-from cifar_transfer import budget, measure
-from cifar_transfer import train as train_mod
-from cifar_transfer.budget import Candidate, Cell, plan_budget
-from cifar_transfer.bundle import load_model
+from cifar_transfer.artifacts.bundle import load_model
+from cifar_transfer.artifacts.rundir import read_metrics
 from cifar_transfer.cli import main
 from cifar_transfer.config import apply_overrides, load_recipe
-from cifar_transfer.errors import UserError
-from cifar_transfer.optim import StepSchedule
-from cifar_transfer.pacing import Deadline, Pacer
-from cifar_transfer.rundir import read_metrics
+from cifar_transfer.system.errors import UserError
+from cifar_transfer.training import budget, measure
+from cifar_transfer.training import run as train_mod
+from cifar_transfer.training.budget import Candidate, Cell, plan_budget
+from cifar_transfer.training.optim import StepSchedule
+from cifar_transfer.training.pacing import Deadline, Pacer
 
 LITE = Candidate("efficientnet_lite0", (128, 160), train_batch=32, infer_batch=64)
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_transfer.bundle import load_model
+from cifar_transfer.artifacts.bundle import load_model
 from cifar_transfer.cli import main
-from cifar_transfer.errors import UserError
-from cifar_transfer.evaluate import predict_logits
+from cifar_transfer.results.evaluate import predict_logits
+from cifar_transfer.system.errors import UserError
 
 
 def logits_of(model: torch.nn.Module, meta: dict, images: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ def test_an_old_bundle_without_temperature_loads_and_calibrate_fits_one(run, tmp
 def exported_logits(run_dir: Path, images: torch.Tensor, tmp_path: Path):
     """(format, the exported file's logits on images, its metadata) for each export format, each
     export having passed its own parity check against the bundle."""
-    from cifar_transfer import export
+    from cifar_transfer.results import export
 
     for fmt in export.FORMATS:
         out = tmp_path / f"model{export.SUFFIX[fmt]}"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_transfer import calibration as cal
-from cifar_transfer.errors import UserError
+from cifar_transfer.results import calibration as cal
+from cifar_transfer.system.errors import UserError
 
 
 def calibrated_set(n: int = 5000, classes: int = 10, seed: int = 0):

@@ -187,8 +187,8 @@ def test_a_relative_data_dir_is_saved_absolute(how, cifar_dir, tmp_path, monkeyp
 def test_an_interrupt_names_resume_only_for_train_and_with_the_run_dir(
     tmp_path, monkeypatch, capsys
 ):
-    import cifar_transfer.predict
-    import cifar_transfer.train
+    import cifar_transfer.results.predict
+    import cifar_transfer.training.run
 
     def stopped_after_start(cfg, out, **kwargs):
         out.mkdir(parents=True)
@@ -199,14 +199,14 @@ def test_an_interrupt_names_resume_only_for_train_and_with_the_run_dir(
         raise KeyboardInterrupt
 
     out = tmp_path / "run"
-    monkeypatch.setattr(cifar_transfer.train, "train", stopped_after_start)
+    monkeypatch.setattr(cifar_transfer.training.run, "train", stopped_after_start)
     assert main(["train", "--recipe", "cnn-baseline", "--out", str(out), "--quiet"]) == 130
     assert capsys.readouterr().err == (
         f"interrupted: continue with `cifar-transfer train --resume {out}`\n"
     )
-    monkeypatch.setattr(cifar_transfer.train, "train", stopped)  # before the run dir existed
+    monkeypatch.setattr(cifar_transfer.training.run, "train", stopped)  # before the run dir existed
     assert main(["train", "--recipe", "cnn-baseline", "--out", str(tmp_path / "r2")]) == 130
     assert capsys.readouterr().err == "interrupted\n"
-    monkeypatch.setattr(cifar_transfer.predict, "load_predictor", stopped)
+    monkeypatch.setattr(cifar_transfer.results.predict, "load_predictor", stopped)
     assert main(["predict", str(out), "x.png"]) == 130
     assert capsys.readouterr().err == "interrupted\n"

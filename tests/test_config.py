@@ -14,7 +14,7 @@ from cifar_transfer.config import (
     to_dict,
     to_toml,
 )
-from cifar_transfer.errors import UserError
+from cifar_transfer.system.errors import UserError
 
 REQUIRED = {
     "seed-frozen-224", "seed-top-finetune", "seed-from-layer-100", "seed-native-32",

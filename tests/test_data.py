@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifar_transfer import data as data_mod
-from cifar_transfer.data import (
+from cifar_transfer.data import cifar10 as data_mod
+from cifar_transfer.data.cifar10 import (
     CIFAR_MEAN,
     CIFAR_STD,
     CLASSES,
@@ -27,8 +27,8 @@ from cifar_transfer.data import (
     stratified_split,
     stratified_subset,
 )
-from cifar_transfer.errors import UserError
-from cifar_transfer.transforms import augment, batch_indices, to_model_input
+from cifar_transfer.data.transforms import augment, batch_indices, to_model_input
+from cifar_transfer.system.errors import UserError
 
 PER_BATCH = 50
 REAL_DIR = Path(__file__).resolve().parents[1].parent / "shared/cifar10/cifar-10-batches-py"

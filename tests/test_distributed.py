@@ -16,13 +16,14 @@ import pytest
 import tomli_w
 import torch
 
-from cifar_transfer import distributed, rundir
-from cifar_transfer import train as train_mod
-from cifar_transfer.checkpoint import load_checkpoint
+from cifar_transfer.artifacts import rundir
+from cifar_transfer.artifacts.checkpoint import load_checkpoint
 from cifar_transfer.cli import main
 from cifar_transfer.config import load_recipe
-from cifar_transfer.errors import UserError
-from cifar_transfer.models import create_model
+from cifar_transfer.models.transfer import create_model
+from cifar_transfer.system.errors import UserError
+from cifar_transfer.training import distributed
+from cifar_transfer.training import run as train_mod
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -147,7 +148,7 @@ SYNC_BN_WORKER = textwrap.dedent('''
     from timm.layers import BatchNormAct2d
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
-    from cifar_transfer import distributed
+    from cifar_transfer.training import distributed
 
     torch.manual_seed(0)
     # No bias before a BatchNorm: its gradient is zero, so its relative error means nothing.

@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from cifar_transfer import loop, rundir, runlock
-from cifar_transfer import train as train_mod
-from cifar_transfer.checkpoint import SLOW_WRITE_ENV, is_temp_file, load_checkpoint
+from cifar_transfer.artifacts import rundir
+from cifar_transfer.artifacts.checkpoint import SLOW_WRITE_ENV, is_temp_file, load_checkpoint
 from cifar_transfer.cli import main
 from cifar_transfer.config import load_recipe
-from cifar_transfer.errors import UserError
+from cifar_transfer.system import runlock
+from cifar_transfer.system.errors import UserError
+from cifar_transfer.training import loop
+from cifar_transfer.training import run as train_mod
 
 TIMING = rundir.TIMING_KEYS
 
@@ -51,7 +53,7 @@ def write_recipe(path: Path, cifar_dir: Path, epochs: tuple[int, int] = (4, 4)) 
 # ~5-15 s of imports on a busy 2-core machine. They are ordinary processes running the CLI's
 # main(), and SIGKILL ends them like any other.
 FORKS = multiprocessing.get_context("forkserver")
-FORKS.set_forkserver_preload(["cifar_transfer.cli", "cifar_transfer.train"])
+FORKS.set_forkserver_preload(["cifar_transfer.cli", "cifar_transfer.training.run"])
 
 
 def _cli(argv: list[str], slow_write: str) -> None:

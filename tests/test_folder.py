@@ -15,11 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_transfer import budget, datasets, folder
 from cifar_transfer.cli import main
 from cifar_transfer.config import apply_overrides, load_recipe
-from cifar_transfer.errors import UserError
-from cifar_transfer.export import torchscript_module
+from cifar_transfer.data import datasets, folder
+from cifar_transfer.results.export import torchscript_module
+from cifar_transfer.system.errors import UserError
+from cifar_transfer.training import budget
 
 COLOURS = {"apple": (200, 30, 30), "kiwi": (40, 180, 40), "plum": (60, 40, 200)}
 HYMENOPTERA = Path(__file__).resolve().parents[1].parent / "shared" / "hymenoptera"
@@ -292,7 +293,7 @@ def test_small_folder_is_the_recipe_train_uses_on_a_folder(tmp_path, cifar_dir):
 
 
 def test_real_hymenoptera_folder_decodes_and_trains_a_little(tmp_path):
-    from cifar_transfer.train import train
+    from cifar_transfer.training.run import train
 
     root = HYMENOPTERA / "train"
     if not (root / "ants").is_dir():
@@ -310,7 +311,7 @@ def test_cifar100_download_is_md5_checked_and_extracted_once(tmp_path):
     import hashlib
     import tarfile
 
-    from cifar_transfer import cifar100
+    from cifar_transfer.data import cifar100
 
     src = write_cifar100(tmp_path / "src")
     archive = tmp_path / "cifar-100-python.tar.gz"
@@ -327,7 +328,7 @@ def test_cifar100_download_is_md5_checked_and_extracted_once(tmp_path):
 
 
 def test_a_100_class_report_lists_the_most_confused_pairs(tmp_path):
-    from cifar_transfer.report import confused_pairs, render_html
+    from cifar_transfer.results.report import confused_pairs, render_html
 
     classes = [f"c{i}" for i in range(100)]
     cm = np.eye(100, dtype=np.int64) * 5

@@ -13,7 +13,7 @@ import pytest
 # allocated again every step), after the tool's start-up call; print page faults per step.
 PROBE = """
 import json, resource, torch
-from cifar_transfer.allocator import keep_freed_memory
+from cifar_transfer.system.allocator import keep_freed_memory
 applied = keep_freed_memory()
 torch.manual_seed(0)
 net = torch.nn.Sequential(

@@ -5,15 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
-TRAINING = ("cifar_transfer.train", "cifar_transfer.loop", "cifar_transfer.runlog",
-            "cifar_transfer.probe", "cifar_transfer.optim", "cifar_transfer.distributed")
+TRAINING = ("cifar_transfer.training.run", "cifar_transfer.training.loop", "cifar_transfer.training.runlog",
+            "cifar_transfer.training.probe", "cifar_transfer.training.optim", "cifar_transfer.training.distributed")
 
 
 def test_evaluate_report_export_predict_import_nothing_from_training():
     code = (
         "import sys\n"
-        "import cifar_transfer.runs, cifar_transfer.report, cifar_transfer.export, "
-        "cifar_transfer.predict\n"
+        "import cifar_transfer.results.runs, cifar_transfer.results.report, cifar_transfer.results.export, "
+        "cifar_transfer.results.predict\n"
         f"print(sorted(m for m in {TRAINING!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from cifar_transfer.backbones import (
+from cifar_transfer.models.backbones import (
     BackboneFamily,
     BackboneSpec,
     get_spec,
@@ -18,15 +18,15 @@ from cifar_transfer.backbones import (
     keras_resnet_layers,
     register_backbone,
 )
-from cifar_transfer.errors import UserError
-from cifar_transfer.models import (
+from cifar_transfer.models.transfer import (
     TransferModel,
     apply_freeze,
     create_model,
     freeze_layer_order,
     keras_depth,
 )
-from cifar_transfer.weights import map_efficientnet_lite_state_dict
+from cifar_transfer.models.weights import map_efficientnet_lite_state_dict
+from cifar_transfer.system.errors import UserError
 
 ESPRESSO = 967  # ImageNet class index
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar_transfer import predict as predict_mod
 from cifar_transfer.cli import main
-from cifar_transfer.data import load_split
-from cifar_transfer.predict import load_predictor, predict_paths, read_image
+from cifar_transfer.data.cifar10 import load_split
+from cifar_transfer.results import predict as predict_mod
+from cifar_transfer.results.predict import load_predictor, predict_paths, read_image
 
 
 @pytest.fixture(scope="module")

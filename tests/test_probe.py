@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 
-from cifar_transfer import probe
-from cifar_transfer import train as train_mod
 from cifar_transfer.config import apply_overrides, load_recipe
-from cifar_transfer.errors import UserError
-from cifar_transfer.runs import calibrate_run
+from cifar_transfer.results.runs import calibrate_run
+from cifar_transfer.system.errors import UserError
+from cifar_transfer.training import probe
+from cifar_transfer.training import run as train_mod
 
 
 def blobs(n: int = 600, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cifar_transfer import train as train_mod
 from cifar_transfer.config import apply_overrides, load_recipe
+from cifar_transfer.training import run as train_mod
 
 
 def test_cnn_on_real_cifar10_beats_chance(real_data, tmp_path):

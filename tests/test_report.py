@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from cifar_transfer.cli import main
-from cifar_transfer.report import confident_mistakes, curves_figure, sample_indices
+from cifar_transfer.results.report import confident_mistakes, curves_figure, sample_indices
 
 SECTIONS = (
     "Training curves", "Confusion matrix", "Per-class precision and recall", "Sample predictions",

@@ -13,12 +13,12 @@ import torch
 from conftest import write_cifar_dir
 from safetensors.torch import load_file
 
-from cifar_transfer import rundir
-from cifar_transfer import train as train_mod
-from cifar_transfer.checkpoint import STATE_FORMAT, load_checkpoint, save_checkpoint
+from cifar_transfer.artifacts import rundir
+from cifar_transfer.artifacts.checkpoint import STATE_FORMAT, load_checkpoint, save_checkpoint
 from cifar_transfer.cli import main
 from cifar_transfer.config import apply_overrides, load_recipe
-from cifar_transfer.models import create_model
+from cifar_transfer.models.transfer import create_model
+from cifar_transfer.training import run as train_mod
 
 
 def one_line(capsys, *fragments: str) -> str:

@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_transfer import predict as predict_mod
-from cifar_transfer.checkpoint import SLOW_WRITE_ENV, is_temp_file, load_checkpoint
+from cifar_transfer.artifacts.checkpoint import SLOW_WRITE_ENV, is_temp_file, load_checkpoint
 from cifar_transfer.cli import main
-from cifar_transfer.data import load_split
-from cifar_transfer.errors import UserError
+from cifar_transfer.data.cifar10 import load_split
+from cifar_transfer.results import predict as predict_mod
+from cifar_transfer.system.errors import UserError
 
 SMALL = ["--set", "phases.0.epochs=1", "--set", "data.val_size=20", "--set", "data.train_limit=20",
          "--set", "run.threads=1", "--set", "run.compile_features=off", "--quiet"]  # fmt: skip
@@ -257,9 +257,9 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(
     line = one_line(capsys.readouterr().err)
     assert line.startswith("error: out of memory") and "--batch-size" in line
 
-    import cifar_transfer.train
+    import cifar_transfer.training.run
 
-    monkeypatch.setattr(cifar_transfer.train, "train", no_memory)
+    monkeypatch.setattr(cifar_transfer.training.run, "train", no_memory)
     assert main(["train", "--recipe", "cnn-baseline", "--out", str(tmp_path / "run")]) == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith("error: out of memory")

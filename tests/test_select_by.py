@@ -7,11 +7,11 @@ import json
 import torch
 from test_train import read_metrics, two_phase
 
-from cifar_transfer import train as train_mod
 from cifar_transfer.config import PhaseConfig
-from cifar_transfer.loop import PhaseInputs, validate
-from cifar_transfer.plan import PhasePlan
-from cifar_transfer.runlog import RunLog
+from cifar_transfer.training import run as train_mod
+from cifar_transfer.training.loop import PhaseInputs, validate
+from cifar_transfer.training.plan import PhasePlan
+from cifar_transfer.training.runlog import RunLog
 
 
 def test_validate_reports_the_mean_recall_over_classes_next_to_accuracy():

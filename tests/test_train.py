@@ -8,15 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cifar_transfer import loop, rundir
-from cifar_transfer import train as train_mod
-from cifar_transfer.bundle import load_model
-from cifar_transfer.calibration import fit_temperature
+from cifar_transfer.artifacts import rundir
+from cifar_transfer.artifacts.bundle import load_model
+from cifar_transfer.artifacts.rundir import run_split
 from cifar_transfer.config import apply_overrides, load_recipe
-from cifar_transfer.errors import UserError
-from cifar_transfer.features import extract_features
-from cifar_transfer.rundir import run_split
-from cifar_transfer.runs import evaluate_run, predict_split
+from cifar_transfer.results.calibration import fit_temperature
+from cifar_transfer.results.runs import evaluate_run, predict_split
+from cifar_transfer.system.errors import UserError
+from cifar_transfer.training import loop
+from cifar_transfer.training import run as train_mod
+from cifar_transfer.training.features import extract_features
 
 METRIC_KEYS = {
     "phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "seconds",

@@ -11,11 +11,11 @@ import torch
 from test_calibrated_run import exported_logits, logits_of
 from test_train import tiny
 
-from cifar_transfer import train as train_mod
-from cifar_transfer.bundle import load_model
-from cifar_transfer.errors import UserError
-from cifar_transfer.evaluate import predict_logits
-from cifar_transfer.runs import evaluate_run
+from cifar_transfer.artifacts.bundle import load_model
+from cifar_transfer.results.evaluate import predict_logits
+from cifar_transfer.results.runs import evaluate_run
+from cifar_transfer.system.errors import UserError
+from cifar_transfer.training import run as train_mod
 
 
 def cnn(cifar_dir, tta: str, *extra: str):

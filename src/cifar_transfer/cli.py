@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cifar_transfer.errors import UserError
+from cifar_transfer.system.errors import UserError
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
@@ -24,7 +24,8 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
     timer = None
     if not args.no_times:
-        from cifar_transfer import budget, hardware, measure
+        from cifar_transfer.system import hardware
+        from cifar_transfer.training import budget, measure
 
         device = hardware.pick_device("auto")
         tput = measure.Throughputs(device, seconds=0.5)
@@ -47,10 +48,11 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
 
     `folder`: cfg is the folder recipe (no --recipe, --data-dir holds class folders); its model
     and probe are kept, the plan only adds fine-tuning."""
-    from cifar_transfer import budget, hardware, measure
-    from cifar_transfer.checkpoint import atomic_write_json
+    from cifar_transfer.artifacts.checkpoint import atomic_write_json
     from cifar_transfer.config import apply_overrides, load_recipe
-    from cifar_transfer.pacing import Deadline
+    from cifar_transfer.system import hardware
+    from cifar_transfer.training import budget, measure
+    from cifar_transfer.training.pacing import Deadline
 
     budget_s = budget.parse_duration(args.budget)
     phase_sets = [o for o in overrides if o.strip().startswith("phases.")]
@@ -90,9 +92,10 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
 
 def _cmd_train(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
-    from cifar_transfer import distributed, train
     from cifar_transfer.config import apply_overrides, load_recipe
-    from cifar_transfer.datasets import default_recipe
+    from cifar_transfer.data.datasets import default_recipe
+    from cifar_transfer.training import distributed
+    from cifar_transfer.training import run as train
 
     if args.resume:
         if args.recipe or args.overrides or args.weights or args.tensorboard or args.budget \
@@ -153,7 +156,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cifar_transfer.runs import evaluate_run, evaluation_lines
+    from cifar_transfer.results.runs import evaluate_run, evaluation_lines
 
     result = evaluate_run(
         Path(args.run_dir), args.split, args.data_dir, tta=args.tta, min_confidence=args.min_confidence
@@ -163,7 +166,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from cifar_transfer.runs import calibrate_run, evaluation_lines
+    from cifar_transfer.results.runs import calibrate_run, evaluation_lines
 
     result = calibrate_run(Path(args.run_dir), args.data_dir)
     print("\n".join(evaluation_lines(result)))
@@ -174,8 +177,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from cifar_transfer.calibration import check_min_confidence
-    from cifar_transfer.predict import iter_predictions, load_predictor
+    from cifar_transfer.results.calibration import check_min_confidence
+    from cifar_transfer.results.predict import iter_predictions, load_predictor
 
     check_min_confidence(args.min_confidence)
     predictor = load_predictor(args.model)
@@ -200,7 +203,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from cifar_transfer.report import build_report
+    from cifar_transfer.results.report import build_report
 
     result = build_report(Path(args.run_dir), args.data_dir)
     for note in result["notes"]:
@@ -210,7 +213,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from cifar_transfer.export import export_run
+    from cifar_transfer.results.export import export_run
 
     r = export_run(Path(args.run_dir), args.format, args.out, args.data_dir)
     print(
@@ -222,9 +225,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from cifar_transfer import hardware
-    from cifar_transfer.bench import INPUTS, run_bench
-    from cifar_transfer.checkpoint import atomic_write_json
+    from cifar_transfer.artifacts.checkpoint import atomic_write_json
+    from cifar_transfer.system import hardware
+    from cifar_transfer.training.bench import INPUTS, run_bench
 
     choices = {
         "--precisions": (args.precisions, ("fp32", "bf16")), "--modes": (args.modes, ("train", "infer")),
@@ -423,7 +426,7 @@ def _memory_line(e: BaseException, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cifar-transfer` console script."""
     args = build_parser().parse_args(argv)
-    from cifar_transfer.allocator import keep_freed_memory
+    from cifar_transfer.system.allocator import keep_freed_memory
 
     keep_freed_memory()  # measured 1.1-1.7x on CPU steps (page faults); see its docstring
     for stream in (sys.stdout, sys.stderr):

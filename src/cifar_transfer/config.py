@@ -13,7 +13,7 @@ from typing import Any
 
 import tomli_w
 
-from cifar_transfer.errors import UserError
+from cifar_transfer.system.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "lbfgs")
 SCHEDULES = ("constant", "cosine", "onecycle")

@@ -1,0 +1,368 @@
+"""A folder of class subfolders as one uint8 tensor: scan, decode once, cache the decoded set.
+
+Layouts (class index = sorted folder names, as torchvision's ImageFolder and Keras do):
+  ROOT/<class>/*                       the validation split is carved out (data.val_size)
+  ROOT/train/<class>/* [+ ROOT/val/<class>/*] [+ ROOT/test/<class>/*]
+Subfolders of a class folder are read too; hidden files (.DS_Store, Thumbs.db, names starting
+with '.') and files whose extension is not an image's are ignored; a symlink loop is skipped
+with a warning.
+
+Decoding: every image once, in threads (PIL releases the GIL while it decodes and resizes).
+EXIF orientation applied; palette, greyscale, RGBA (over white), CMYK and 16-bit images become
+8-bit RGB. Aspect ratio: the shorter side is resized to the storage size S and the centre S x S
+square kept (torchvision's Resize(S) + CenterCrop(S)), so nothing is stretched; a JPEG is decoded
+at 1/2, 1/4 or 1/8 size in the DCT (PIL's draft) when that still leaves both sides >= S.
+The decoded set is cached as safetensors keyed by the file list (paths, sizes, mtimes, labels)
+and S, so a second run starts in seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from cifar_transfer.artifacts.checkpoint import save_safetensors
+from cifar_transfer.system.errors import UserError
+
+IMAGE_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+    ".pgm", ".pbm", ".pnm", ".tga",
+})  # fmt: skip
+HIDDEN_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "ehthumbs.db"})
+SPLITS = ("train", "val", "test")
+CACHE_VERSION = "folder-1"
+MEMORY_SHARE = 0.8  # of the available memory a decoded set may take
+WARN_LIST = 10  # problem files named one by one; the rest are counted
+LAYOUT_FIX = "arrange the images as ROOT/<class>/*.jpg, or ROOT/train/<class>/... (+ val/, test/)"
+
+
+class BadImage(Exception):
+    """A file among the images that does not decode; the message says why."""
+
+
+@dataclass
+class FolderScan:
+    """What a folder holds: class names and, per split present, its (file, label) list."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[tuple[Path, int]]]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def has_val(self) -> bool:
+        return "val" in self.splits
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in HIDDEN_NAMES
+
+
+def is_folder_dataset(path: Path) -> bool:
+    """True when `path` has visible subfolders (a class-folder tree, or train/ of one)."""
+    try:
+        return any(p.is_dir() and not _hidden(p.name) for p in path.iterdir())
+    except OSError:
+        return False
+
+
+def _class_dirs(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and not _hidden(p.name))
+
+
+def _list_images(class_dir: Path, notes: list[str]) -> tuple[list[Path], int]:
+    """Image files under a class folder (recursive, sorted) and how many other files were ignored."""
+    found: list[Path] = []
+    ignored = 0
+    seen_dirs: set[tuple[int, int]] = set()
+    for top, dirs, files in os.walk(class_dir, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            notes.append(f"{top} is a symlink back to a folder already read (a loop): skipped")
+            dirs[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        for name in sorted(files):
+            path = Path(top) / name
+            if _hidden(name):
+                continue
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                ignored += 1
+                continue
+            try:
+                os.stat(path)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    notes.append(f"{path} is a symlink loop: skipped")
+                else:
+                    notes.append(f"{path} cannot be read ({e.strerror}): skipped")
+                continue
+            found.append(path)
+    return found, ignored
+
+
+def scan(root: Path) -> FolderScan:
+    """List a folder dataset's classes and files; one UserError line for a layout it cannot use."""
+    root = Path(root)
+    split_dirs = {"train": root / "train"} if (root / "train").is_dir() else {"train": root}
+    for name in ("val", "test"):
+        if "train" in split_dirs and split_dirs["train"] != root and (root / name).is_dir():
+            split_dirs[name] = root / name
+    classes = _class_dirs(split_dirs["train"])
+    where = split_dirs["train"]
+    if not classes:
+        raise UserError(f"{where} holds no class folders: {LAYOUT_FIX}")
+    if len(classes) == 1:
+        raise UserError(
+            f"{where} has only one class folder ({classes[0]}): a classifier needs at least two "
+            f"classes; add one folder per class"
+        )
+    notes: list[str] = []
+    splits: dict[str, list[tuple[Path, int]]] = {}
+    for split, folder in split_dirs.items():
+        found = _class_dirs(folder)
+        if found != classes:
+            extra = sorted(set(found) - set(classes))
+            missing = sorted(set(classes) - set(found))
+            said = (f"classes {extra} that {where} lacks" if extra else "") + (
+                " and " if extra and missing else "") + (f"no folder for {missing}" if missing else "")
+            raise UserError(
+                f"{folder} has {said}: {split}/ must hold the same class folders as {where.name}/ "
+                f"(the class index is the sorted folder names); rename or add folders"
+            )
+        entries: list[tuple[Path, int]] = []
+        for label, name in enumerate(classes):
+            files, ignored = _list_images(folder / name, notes)
+            if not files:
+                other = f" ({ignored} non-image files ignored)" if ignored else ""
+                raise UserError(
+                    f"class folder {folder / name} holds no images{other}: add images "
+                    f"(JPEG, PNG, ...) or remove the folder"
+                )
+            entries += [(f, label) for f in files]
+        splits[split] = entries
+    return FolderScan(root, classes, splits, notes)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit scaled down, transparency composited over white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.size and arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" or img.mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return img.convert("RGB")
+
+
+def decode_image(source: bytes | Path, size: int, draft: bool = True) -> np.ndarray:
+    """One image -> uint8 (size, size, 3): orientation, RGB, shorter side to `size`, centre crop.
+
+    Raises BadImage with the reason for a file that does not decode.
+    """
+    from cifar_transfer.results.predict import TOO_BIG  # also sets PIL's pixel limit
+
+    raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as img:
+                if draft:
+                    img.draft("RGB", (size, size))  # JPEG only: both sides stay >= size
+                img = to_rgb(ImageOps.exif_transpose(img))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage(TOO_BIG) from None
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image PIL can read (a non-image file with an image's name?)") from None
+    except MemoryError:
+        raise BadImage("too large to decode in the memory left: downscale it") from None
+    except Exception as e:  # noqa: BLE001 - damaged files raise OSError, SyntaxError, struct.error ...
+        raise BadImage(f"truncated or corrupt ({type(e).__name__}: {str(e)[:80]})") from None
+    w, h = img.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy shares it)
+
+
+def _decode_one(path: Path, size: int, draft: bool) -> tuple[np.ndarray | None, int, str]:
+    """(image or None, 8-byte content hash, problem) of one file; never raises."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        return None, 0, f"cannot be read ({e.strerror})"
+    digest = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little", signed=True)
+    try:
+        return decode_image(raw, size, draft), digest, ""
+    except BadImage as e:
+        return None, digest, str(e)
+
+
+def decode_files(
+    files: list[Path], size: int, workers: int = 0, draft: bool = True, progress: bool = True,
+    desc: str = "decoding",
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[Path, str]]]:
+    """Decode files in threads: (uint8 (N,3,S,S) of the good ones, their int64 hashes, problems)."""
+    workers = workers or os.cpu_count() or 1
+    out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+    digests = torch.zeros(len(files), dtype=torch.int64)
+    keep = np.zeros(len(files), dtype=bool)
+    problems: list[tuple[Path, str]] = []
+    bar = tqdm(total=len(files), desc=desc, unit="img", disable=None if progress else True,
+               mininterval=1.0, dynamic_ncols=True)  # fmt: skip
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(lambda f: _decode_one(f, size, draft), files)
+        for i, (path, (img, digest, problem)) in enumerate(zip(files, results)):
+            digests[i] = digest
+            if img is None:
+                problems.append((path, problem))
+            else:
+                out[i] = torch.from_numpy(img).permute(2, 0, 1)
+                keep[i] = True
+            bar.update(1)
+    bar.close()
+    if keep.all():
+        return out, digests, problems
+    idx = torch.from_numpy(np.flatnonzero(keep))
+    return out[idx], digests[idx], problems
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable), or 0 when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_memory(n: int, size: int, where: str) -> None:
+    """Refuse, before decoding, a set whose uint8 tensor would not fit the memory available."""
+    need = n * 3 * size * size
+    have = available_memory()
+    if have and need > MEMORY_SHARE * have:
+        smaller = max(32, int(size * (MEMORY_SHARE * have / need) ** 0.5) // 16 * 16)
+        raise UserError(
+            f"decoding the {n:,} images of {where} at {size} px takes {need / 2**30:.1f} GiB, more "
+            f"than the {have / 2**30:.1f} GiB of memory available: set a smaller "
+            f"--set data.storage_size (e.g. {smaller})"
+        )
+
+
+def _cache_key(entries: list[tuple[Path, int]], size: int) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"{CACHE_VERSION}|{size}".encode())
+    for path, label in entries:
+        st = path.stat()
+        h.update(f"|{os.path.abspath(path)}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _describe(problems: list[tuple[Path, str]]) -> str:
+    shown = "; ".join(f"{p}: {why}" for p, why in problems[:WARN_LIST])
+    more = f"; and {len(problems) - WARN_LIST} more" if len(problems) > WARN_LIST else ""
+    return shown + more
+
+
+def load_split(
+    found: FolderScan, split: str, size: int, cache_dir: Path | None, workers: int = 0,
+    bad_images: str = "skip", progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One split decoded (or read from the cache): uint8 (N,3,S,S), int64 labels, int64 hashes."""
+    if split not in found.splits:
+        folder = found.root / split
+        raise UserError(
+            f"{found.root} has no {split}/ folder: "
+            + ("evaluate with --split val, or add ROOT/test/<class>/..." if split == "test"
+               else f"add {folder}/<class>/...")
+        )
+    entries = found.splits[split]
+    where = f"{found.root}" if split == "train" and not (found.root / "train").is_dir() else f"{found.root / split}"
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / "decoded" / f"{_cache_key(entries, size)}.safetensors"
+        cached = _read_cache(path)
+        if cached is not None:
+            problems = json.loads(cached[3])
+            if problems and bad_images == "refuse":
+                _refuse(problems)
+            _warn_skipped(problems)
+            return cached[:3]
+    check_memory(len(entries), size, where)
+    images, digests, problems = decode_files(
+        [p for p, _ in entries], size, workers, progress=progress, desc=f"decoding {split}"
+    )
+    listed = [(str(p), why) for p, why in problems]
+    if listed and bad_images == "refuse":
+        _refuse(listed)
+    bad = {p for p, _ in problems}
+    labels = torch.tensor([label for p, label in entries if p not in bad], dtype=torch.int64)
+    _warn_skipped(listed)
+    if path is not None:
+        _write_cache(path, images, labels, digests, json.dumps(listed))
+    return images, labels, digests
+
+
+def _refuse(problems: list) -> None:
+    raise UserError(
+        f"{len(problems)} file(s) among the images do not decode ({_describe(problems)}): remove "
+        f"or replace them, or --set data.bad_images=skip to train without them"
+    )
+
+
+def _warn_skipped(problems: list) -> None:
+    if problems:
+        print(f"warning: skipped {len(problems)} file(s) that do not decode: {_describe(problems)} "
+              f"(--set data.bad_images=refuse stops instead)", file=sys.stderr)  # fmt: skip
+
+
+def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str] | None:
+    if not path.is_file():
+        return None
+    try:
+        t = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            problems = (f.metadata() or {}).get("skipped", "[]")
+        return t["images"], t["labels"], t["digests"], problems
+    except Exception:  # noqa: BLE001 - a bad cache file is re-made, never trusted
+        return None
+
+
+def _write_cache(path: Path, images, labels, digests, problems: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors(path, {"images": images, "labels": labels, "digests": digests},
+                         {"skipped": problems})  # fmt: skip
+    except (OSError, UserError) as e:
+        print(f"warning: cannot write the decoded-image cache {path} ({e}): going on without it",
+              file=sys.stderr)  # fmt: skip

@@ -1,0 +1,1 @@
+"""Tools for finished runs: evaluate, calibration, report, predict, export. Never imports training."""

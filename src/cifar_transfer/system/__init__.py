@@ -1,0 +1,1 @@
+"""The floor everything stands on: errors, device and precision choices, the allocator, atomic writes, the run lock."""

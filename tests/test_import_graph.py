@@ -1,0 +1,133 @@
+"""The package's shape as a newcomer meets it: imports flow one way, with no circles.
+
+The graph is built from the source with `ast` (every import, including the ones inside functions
+and under TYPE_CHECKING: a lazy import is still a dependency), module by module.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import cifar_transfer
+
+SRC = Path(cifar_transfer.__file__).parent
+PACKAGE = "cifar_transfer"
+# Lower layers never import higher ones. training and results share a layer and never import
+# each other: results (the tools for finished runs) must work without the training code.
+LAYERS = [
+    {"system"},
+    {"config"},
+    {"data"},
+    {"models"},
+    {"artifacts"},
+    {"training", "results"},
+    {"serving"},
+    {"cli", "__main__", "__init__"},
+]
+MAX_MODULE_LINES = 400
+MAX_CLASS_LINES = 150
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in SRC.rglob("*.py")}
+
+
+def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
+    """The project modules `path` imports (a `from pkg import mod` counts as importing pkg.mod)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        out |= {t for t in targets if t in known and t != name}
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imports_of(path, name, set(mods)) for name, path in mods.items()}
+
+
+def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(g[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(g):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[1] if "." in module else "__init__"
+    for i, layer in enumerate(LAYERS):
+        if top in layer:
+            return i
+    raise AssertionError(f"{module} is in no layer: add its package to LAYERS")
+
+
+def test_the_import_graph_has_no_cycle():
+    assert find_cycle(graph()) is None, " -> ".join(find_cycle(graph()) or [])
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
+    assert find_cycle(g) == ["a", "b", "c", "a"]
+
+
+def test_imports_flow_one_way_down_the_data_flow():
+    wrong = []
+    for mod, deps in graph().items():
+        for dep in deps:
+            same_top = mod.split(".")[:2] == dep.split(".")[:2]
+            if dep == PACKAGE and mod != PACKAGE:
+                wrong.append(f"{mod} imports the package root (import the module itself)")
+            elif not same_top and layer_of(dep) >= layer_of(mod) and layer_of(mod) < len(LAYERS) - 1:
+                wrong.append(f"{mod} imports {dep}")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_every_package_sits_in_a_layer():
+    for mod in modules():
+        layer_of(mod)
+
+
+def test_no_module_or_class_is_too_big_to_read():
+    too_big = []
+    for name, path in modules().items():
+        text = path.read_text()
+        n = len(text.splitlines())
+        if n > MAX_MODULE_LINES:
+            too_big.append(f"{name}: {n} lines (> {MAX_MODULE_LINES})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                size = node.end_lineno - node.lineno + 1
+                if size > MAX_CLASS_LINES:
+                    too_big.append(f"{name}.{node.name}: {size} lines (> {MAX_CLASS_LINES})")
+    assert not too_big, "split these:\n" + "\n".join(too_big)
