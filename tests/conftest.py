@@ -57,7 +57,7 @@ def tiny_run(cifar_dir, tmp_path_factory) -> Path:
 
     Shared by several modules: never write into it; a module copies it (shutil.copytree) first.
     """
-    from cifar_transfer.config import apply_overrides, load_recipe
+    from cifar_transfer.recipes import apply_overrides, load_recipe
     from cifar_transfer.training.run import train
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"

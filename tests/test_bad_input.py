@@ -21,11 +21,12 @@ import torch
 from PIL import Image
 
 from cifar_transfer.artifacts import bundle, rundir
-from cifar_transfer.artifacts.checkpoint import is_temp_file, load_checkpoint
+from cifar_transfer.artifacts.checkpoint import load_checkpoint
 from cifar_transfer.cli import main
-from cifar_transfer.config import apply_overrides, load_recipe, to_toml
 from cifar_transfer.data import cifar10 as data
 from cifar_transfer.models.transfer import create_model
+from cifar_transfer.recipes import apply_overrides, load_recipe, to_toml
+from cifar_transfer.system.atomic import is_temp_file
 from cifar_transfer.system.errors import UserError
 
 SMALL = ["--set", "phases.0.epochs=1", "--set", "data.val_size=20", "--set", "data.train_limit=20",

@@ -14,9 +14,9 @@ import torch
 from cifar_transfer.artifacts.bundle import load_model
 from cifar_transfer.artifacts.rundir import read_metrics
 from cifar_transfer.cli import main
-from cifar_transfer.config import apply_overrides, load_recipe
+from cifar_transfer.recipes import apply_overrides, load_recipe
 from cifar_transfer.system.errors import UserError
-from cifar_transfer.training import budget, measure
+from cifar_transfer.training import budget, measure, phases
 from cifar_transfer.training import run as train_mod
 from cifar_transfer.training.budget import Candidate, Cell, plan_budget
 from cifar_transfer.training.optim import StepSchedule
@@ -113,7 +113,7 @@ def test_a_run_keeps_its_compiled_extraction_speed_for_the_next_plan(monkeypatch
     monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path))
     cfg = apply_overrides(load_recipe("cnn-baseline"), ["data.data_dir=/nonexistent"])
     cell = Cell("cnn", 32, "bf16", "extract", cfg.run.eval_batch_size)
-    extract = train_mod._recording(lambda x: x[:, :1].float(), torch.device("cpu"), cell)
+    extract = phases._recording(lambda x: x[:, :1].float(), torch.device("cpu"), cell)
     assert extract(torch.zeros(8, 3, 2, 2)).shape == (8, 1, 2, 2)
     again = measure.Throughputs(torch.device("cpu"))
     assert again.cells[cell.text()] > 0

@@ -13,7 +13,7 @@ from PIL import Image
 
 from cifar_transfer.artifacts.bundle import load_model
 from cifar_transfer.cli import main
-from cifar_transfer.results.evaluate import predict_logits
+from cifar_transfer.models.inference import predict_logits
 from cifar_transfer.system.errors import UserError
 
 

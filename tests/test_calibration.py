@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cifar_transfer.models import temperature as temp
 from cifar_transfer.results import calibration as cal
 from cifar_transfer.system.errors import UserError
 
@@ -24,31 +25,31 @@ def calibrated_set(n: int = 5000, classes: int = 10, seed: int = 0):
 def test_temperature_scaling_keeps_the_argmax_and_lowers_nll_of_an_overconfident_model():
     logits, labels = calibrated_set()
     over = logits * 3.0  # the same predictions, three times too sure
-    cal.fit_temperature(over[:10], labels[:10])  # torch.optim's one-time set-up, not the fit
+    temp.fit_temperature(over[:10], labels[:10])  # torch.optim's one-time set-up, not the fit
     t0 = time.perf_counter()
-    t = cal.fit_temperature(over, labels)
+    t = temp.fit_temperature(over, labels)
     seconds = time.perf_counter() - t0
     assert 2.6 < t < 3.4  # recovers the over-confidence factor
     assert seconds < 1.0  # 5,000 images: well under a second
-    fixed = cal.scaled(over, t)
+    fixed = temp.scaled(over, t)
     assert torch.equal(fixed.argmax(1), over.argmax(1))
-    assert cal.nll(fixed, labels) < cal.nll(over, labels) - 0.1
-    before, after = (cal.ece(x.softmax(1), labels) for x in (over, fixed))
+    assert temp.nll(fixed, labels) < temp.nll(over, labels) - 0.1
+    before, after = (temp.ece(x.softmax(1), labels) for x in (over, fixed))
     assert after < 0.02 < before
-    assert cal.fit_temperature(over, labels) == t  # deterministic
+    assert temp.fit_temperature(over, labels) == t  # deterministic
 
 
 def test_ece_of_a_perfectly_calibrated_set_is_near_zero_and_bins_count_every_image():
     logits, labels = calibrated_set()
     probs = logits.softmax(1)
-    assert cal.ece(probs, labels) < 0.02
-    bins = cal.reliability_bins(probs, labels)
-    assert len(bins) == cal.BINS and sum(b["n"] for b in bins) == len(labels)
-    assert abs(cal.fit_temperature(logits, labels) - 1.0) < 0.1
+    assert temp.ece(probs, labels) < 0.02
+    bins = temp.reliability_bins(probs, labels)
+    assert len(bins) == temp.BINS and sum(b["n"] for b in bins) == len(labels)
+    assert abs(temp.fit_temperature(logits, labels) - 1.0) < 0.1
     # A confident, always-wrong model is as badly calibrated as it gets.
     wrong = torch.nn.functional.one_hot((labels + 1) % 10, 10).float() * 20
-    assert cal.ece(wrong.softmax(1), labels) > 0.99
-    assert cal.brier(wrong.softmax(1), labels) > 1.99
+    assert temp.ece(wrong.softmax(1), labels) > 0.99
+    assert temp.brier(wrong.softmax(1), labels) > 1.99
 
 
 def test_wilson_interval_covers_the_true_accuracy_at_about_95_percent():

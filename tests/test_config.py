@@ -6,14 +6,8 @@ import tomllib
 
 import pytest
 
-from cifar_transfer.config import (
-    apply_overrides,
-    config_from_dict,
-    load_recipe,
-    recipe_names,
-    to_dict,
-    to_toml,
-)
+from cifar_transfer.config import config_from_dict
+from cifar_transfer.recipes import apply_overrides, load_recipe, recipe_names, to_dict, to_toml
 from cifar_transfer.system.errors import UserError
 
 REQUIRED = {

@@ -24,9 +24,8 @@ from cifar_transfer.data.cifar10 import (
     download_cifar10,
     load_split,
     resolve_data_dir,
-    stratified_split,
-    stratified_subset,
 )
+from cifar_transfer.data.splits import stratified_split, stratified_subset
 from cifar_transfer.data.transforms import augment, batch_indices, to_model_input
 from cifar_transfer.system.errors import UserError
 

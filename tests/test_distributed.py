@@ -19,10 +19,10 @@ import torch
 from cifar_transfer.artifacts import rundir
 from cifar_transfer.artifacts.checkpoint import load_checkpoint
 from cifar_transfer.cli import main
-from cifar_transfer.config import load_recipe
 from cifar_transfer.models.transfer import create_model
+from cifar_transfer.recipes import load_recipe
 from cifar_transfer.system.errors import UserError
-from cifar_transfer.training import distributed
+from cifar_transfer.training import core, distributed
 from cifar_transfer.training import run as train_mod
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -228,9 +228,9 @@ def test_shards_cover_every_item_once(monkeypatch):
 
 def test_the_global_batch_must_split_over_the_ranks(cifar_dir):
     cfg = load_recipe("cnn-baseline")
-    train_mod.check_batch_sizes(cfg, 4)  # 64
+    core.check_batch_sizes(cfg, 4)  # 64
     with pytest.raises(UserError, match=r"phases.0.batch_size 64 .* over 3 processes"):
-        train_mod.check_batch_sizes(cfg, 3)
+        core.check_batch_sizes(cfg, 3)
 
 
 def test_torchrun_without_out_is_one_error_line(monkeypatch, capsys):

@@ -16,8 +16,8 @@ import torch
 import cifar_transfer
 from cifar_transfer.artifacts.bundle import load_model
 from cifar_transfer.cli import main
+from cifar_transfer.models.inference import predict_logits
 from cifar_transfer.results import export
-from cifar_transfer.results.evaluate import predict_logits
 from cifar_transfer.system.errors import UserError
 
 ort = pytest.importorskip("onnxruntime")

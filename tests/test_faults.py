@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from cifar_transfer.artifacts import rundir
-from cifar_transfer.artifacts.checkpoint import SLOW_WRITE_ENV, is_temp_file, load_checkpoint
+from cifar_transfer.artifacts.checkpoint import load_checkpoint
 from cifar_transfer.cli import main
-from cifar_transfer.config import load_recipe
+from cifar_transfer.recipes import load_recipe
 from cifar_transfer.system import runlock
+from cifar_transfer.system.atomic import SLOW_WRITE_ENV, is_temp_file
 from cifar_transfer.system.errors import UserError
 from cifar_transfer.training import loop
 from cifar_transfer.training import run as train_mod

@@ -16,11 +16,10 @@ import torch
 from PIL import Image
 
 from cifar_transfer.cli import main
-from cifar_transfer.config import apply_overrides, load_recipe
-from cifar_transfer.data import datasets, folder
+from cifar_transfer.data import datasets, folder, images, splits
+from cifar_transfer.recipes import apply_overrides, load_recipe
 from cifar_transfer.results.export import torchscript_module
 from cifar_transfer.system.errors import UserError
-from cifar_transfer.training import budget
 
 COLOURS = {"apple": (200, 30, 30), "kiwi": (40, 180, 40), "plum": (60, 40, 200)}
 HYMENOPTERA = Path(__file__).resolve().parents[1].parent / "shared" / "hymenoptera"
@@ -69,7 +68,7 @@ def test_class_folders_give_sorted_classes_and_a_proportional_seeded_val_split(t
     # What --budget plans with, counted from the file list without decoding: the same sizes.
     assert datasets.split_counts(cfg_for(root, "data.val_size=0.25")) == (27, 9)
     assert datasets.split_counts(cfg_for(root, "data.val_size=4", "data.train_limit=10")) == (10, 4)
-    assert budget.split_sizes(cfg_for(root, "data.val_size=0.25"), 36) == (27, 9)
+    assert splits.split_sizes(cfg_for(root, "data.val_size=0.25"), 36) == (27, 9)
 
 
 def test_train_val_test_layout_uses_its_own_val_and_test(tmp_path):
@@ -131,7 +130,7 @@ def test_decoding_applies_exif_converts_every_mode_and_centre_crops(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display": the tall displayed image is blue on top
     wide.save(tmp_path / "rot.jpg", exif=exif, quality=95)
-    out = folder.decode_image(tmp_path / "rot.jpg", 16)
+    out = images.decode_image(tmp_path / "rot.jpg", 16)
     assert out.shape == (16, 16, 3)
     assert out[1, 8, 2] > 200 and out[14, 8, 0] > 200  # blue top, red bottom: rotated, not squashed
     Image.new("P", (30, 30), 3).save(tmp_path / "p.png")
@@ -139,7 +138,7 @@ def test_decoding_applies_exif_converts_every_mode_and_centre_crops(tmp_path):
     Image.new("RGBA", (30, 30), (0, 0, 0, 0)).save(tmp_path / "a.png")  # transparent -> white
     Image.new("CMYK", (30, 30), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
     Image.fromarray(np.full((30, 30), 65535, np.uint16)).save(tmp_path / "16.png")
-    got = {p.name: folder.decode_image(p, 8)[4, 4].tolist() for p in tmp_path.glob("[plac1]*.*")}
+    got = {p.name: images.decode_image(p, 8)[4, 4].tolist() for p in tmp_path.glob("[plac1]*.*")}
     assert got["l.png"] == [100, 100, 100] and got["a.png"] == [255, 255, 255]
     assert got["16.png"] == [255, 255, 255] and got["c.jpg"][0] > 200 and got["c.jpg"][1] < 60
     assert len(got["p.png"]) == 3

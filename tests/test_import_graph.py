@@ -18,6 +18,7 @@ PACKAGE = "cifar_transfer"
 LAYERS = [
     {"system"},
     {"config"},
+    {"recipes"},
     {"data"},
     {"models"},
     {"artifacts"},
@@ -131,3 +132,21 @@ def test_no_module_or_class_is_too_big_to_read():
                 if size > MAX_CLASS_LINES:
                     too_big.append(f"{name}.{node.name}: {size} lines (> {MAX_CLASS_LINES})")
     assert not too_big, "split these:\n" + "\n".join(too_big)
+
+
+def test_the_public_api_imports_from_the_package_root_without_loading_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cifar_transfer\n"
+        "assert 'torch' not in sys.modules\n"
+        "from cifar_transfer import (BackboneFamily, BackboneSpec, keep_freed_memory, load_model,\n"
+        "    predict_logits, register_backbone)\n"
+        "print(load_model.__module__, predict_logits.__module__, register_backbone.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [
+        "cifar_transfer.artifacts.bundle", "cifar_transfer.models.inference",
+        "cifar_transfer.models.backbones",
+    ]

@@ -10,14 +10,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from cifar_transfer.models.backbones import (
-    BackboneFamily,
-    BackboneSpec,
-    get_spec,
-    installed_weight_backbones,
-    keras_resnet_layers,
-    register_backbone,
-)
+from cifar_transfer.models.backbones import get_spec, installed_weight_backbones, register_backbone
+from cifar_transfer.models.families import BackboneFamily, BackboneSpec, keras_resnet_layers
 from cifar_transfer.models.transfer import (
     TransferModel,
     apply_freeze,

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 
-from cifar_transfer.config import apply_overrides, load_recipe
+from cifar_transfer.recipes import apply_overrides, load_recipe
 from cifar_transfer.results.runs import calibrate_run
 from cifar_transfer.system.errors import UserError
-from cifar_transfer.training import probe
+from cifar_transfer.training import core, finish, phases, probe
 from cifar_transfer.training import run as train_mod
 
 
@@ -64,7 +64,7 @@ def tiny_probe(cifar_dir, *extra: str):
 def test_lbfgs_phase_writes_a_row_per_penalty_and_keeps_the_best(cifar_dir, tmp_path, monkeypatch):
     cfg = tiny_probe(cifar_dir)
     with monkeypatch.context() as m:  # the temperature is fitted on the cached val features
-        m.setattr(train_mod, "predict_logits", lambda *a, **k: pytest.fail("a second val pass"))
+        m.setattr(finish, "predict_logits", lambda *a, **k: pytest.fail("a second val pass"))
         summary = train_mod.train(cfg, tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["l2"] for r in rows] == [1e-1, 1e-3, 1e-5]
@@ -85,10 +85,10 @@ def test_cached_flips_fit_the_probe_on_each_image_and_its_mirror(cifar_dir, tmp_
         fitted.append((len(x), y.bincount(minlength=10)))
         return real(x, y, *args, **kwargs)
 
-    monkeypatch.setattr(probe, "sweep", spy)
+    monkeypatch.setattr(phases, "sweep", spy)
     cfg = tiny_probe(cifar_dir, "phases.0.cached_flips=true", "phases.0.l2_values=1e-3")
     summary = train_mod.train(cfg, tmp_path / "run", progress=False)
-    n = len(train_mod.load_data(cfg, torch.device("cpu")).train_y)
+    n = len(core.load_data(cfg, torch.device("cpu")).train_y)
     assert fitted[0][0] == 2 * n and (fitted[0][1] % 2 == 0).all()
     assert summary["val_acc"] > 0.3
 
@@ -140,7 +140,7 @@ def test_a_probe_that_diverges_is_one_line_not_a_nan_model(cifar_dir, tmp_path, 
             fit.weight[0, 0] = float("nan")
             yield fit
 
-    monkeypatch.setattr(probe, "sweep", nan_sweep)
+    monkeypatch.setattr(phases, "sweep", nan_sweep)
     cfg = tiny_probe(cifar_dir)
     with pytest.raises(UserError, match=r"probe of phase .* diverged at l2 0.1 \(non-finite weights\)"):
         train_mod.train(cfg, tmp_path / "run", progress=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cifar_transfer.config import apply_overrides, load_recipe
+from cifar_transfer.recipes import apply_overrides, load_recipe
 from cifar_transfer.training import run as train_mod
 
 

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from cifar_transfer.cli import main
-from cifar_transfer.results.report import confident_mistakes, curves_figure, sample_indices
+from cifar_transfer.results.figures import curves_figure
+from cifar_transfer.results.report import confident_mistakes, sample_indices
 
 SECTIONS = (
     "Training curves", "Confusion matrix", "Per-class precision and recall", "Sample predictions",

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from cifar_transfer.artifacts import rundir
 from cifar_transfer.artifacts.checkpoint import STATE_FORMAT, load_checkpoint, save_checkpoint
 from cifar_transfer.cli import main
-from cifar_transfer.config import apply_overrides, load_recipe
 from cifar_transfer.models.transfer import create_model
+from cifar_transfer.recipes import apply_overrides, load_recipe
 from cifar_transfer.training import run as train_mod
 
 

@@ -19,10 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_transfer.artifacts.checkpoint import SLOW_WRITE_ENV, is_temp_file, load_checkpoint
+from cifar_transfer.artifacts.checkpoint import load_checkpoint
 from cifar_transfer.cli import main
 from cifar_transfer.data.cifar10 import load_split
 from cifar_transfer.results import predict as predict_mod
+from cifar_transfer.system.atomic import SLOW_WRITE_ENV, is_temp_file
 from cifar_transfer.system.errors import UserError
 
 SMALL = ["--set", "phases.0.epochs=1", "--set", "data.val_size=20", "--set", "data.train_limit=20",

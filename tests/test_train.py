@@ -11,11 +11,12 @@ from safetensors.torch import load_file
 from cifar_transfer.artifacts import rundir
 from cifar_transfer.artifacts.bundle import load_model
 from cifar_transfer.artifacts.rundir import run_split
-from cifar_transfer.config import apply_overrides, load_recipe
+from cifar_transfer.recipes import apply_overrides, load_recipe
 from cifar_transfer.results.calibration import fit_temperature
 from cifar_transfer.results.runs import evaluate_run, predict_split
+from cifar_transfer.system import hardware
 from cifar_transfer.system.errors import UserError
-from cifar_transfer.training import loop
+from cifar_transfer.training import core, finish, loop, phases
 from cifar_transfer.training import run as train_mod
 from cifar_transfer.training.features import extract_features
 
@@ -80,7 +81,7 @@ def test_a_phase_runs_at_its_own_precision(cifar_dir, tmp_path, monkeypatch):
     # bf16 features for the frozen phase, fp32 training after it: what each step actually ran at.
     cfg = two_phase(cifar_dir, "run.precision=fp32", "phases.0.precision=bf16", "phases.1.epochs=1")
     extracted, trained = [], []
-    real_extract, real_autocast = train_mod.extract_features, train_mod.hardware.autocast
+    real_extract, real_autocast = phases.extract_features, hardware.autocast
 
     def spy_extract(model, images, **kwargs):
         extracted.append(kwargs["precision"])
@@ -90,14 +91,14 @@ def test_a_phase_runs_at_its_own_precision(cifar_dir, tmp_path, monkeypatch):
         trained.append(precision)
         return real_autocast(device, precision)
 
-    monkeypatch.setattr(train_mod, "extract_features", spy_extract)
+    monkeypatch.setattr(phases, "extract_features", spy_extract)
     monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))  # extract, not reuse
-    monkeypatch.setattr(train_mod.hardware, "autocast", spy_autocast)
+    monkeypatch.setattr(hardware, "autocast", spy_autocast)
     train_mod.train(cfg, tmp_path / "run", progress=False)
     assert extracted == ["bf16", "bf16"]  # train and val features of phase 0
     # Forward passes in order: each epoch's steps then its validation (one batch of 100): phase
     # 0's head in bf16, then every step and the validation of phase 1 in fp32.
-    n_steps = -(-len(train_mod.load_data(cfg, torch.device("cpu")).train_y) // 50)
+    n_steps = -(-len(core.load_data(cfg, torch.device("cpu")).train_y) // 50)
     # Nothing after: the temperature is fitted on the kept epoch's validation logits.
     assert trained == ["bf16"] * (2 * (n_steps + 1)) + ["fp32"] * (n_steps + 1)
 
@@ -114,22 +115,22 @@ def test_cached_features_equal_live_features(cifar_dir, tmp_path, precision, ato
     cfg = two_phase(cifar_dir, f"run.precision={precision}")
     run = train_mod.Run(cfg, tmp_path, progress=False)
     assert run.plans[0].precision == precision and run.plans[0].resolution == 32
-    train_feats, train_y, val_feats, _ = train_mod.frozen_features(run, run.plans[0])
+    train_feats, train_y, val_feats, _ = phases.frozen_features(run, run.plans[0])
     assert torch.equal(train_y, run.data.train_y)
     model = run.model.eval()
     live = extract_features(model, run.data.val_x, 32, 64, "fp32", True, "live")
     assert torch.allclose(val_feats.float(), live, atol=atol)
     assert (val_feats.float() - live).abs().mean() < atol / 10
-    again, _, _, _ = train_mod.frozen_features(run, run.plans[0])  # served from the cache
+    again, _, _, _ = phases.frozen_features(run, run.plans[0])  # served from the cache
     assert torch.equal(again, train_feats)
 
 
 def test_cached_flips_add_each_training_images_mirror_and_leave_val_plain(cifar_dir, tmp_path):
     cfg = two_phase(cifar_dir, "run.precision=fp32")
     run = train_mod.Run(cfg, tmp_path, progress=False)
-    plain, _, val_plain, _ = train_mod.frozen_features(run, run.plans[0])
+    plain, _, val_plain, _ = phases.frozen_features(run, run.plans[0])
     cfg.phases[0].cached_flips = True
-    feats, y, val_feats, _ = train_mod.frozen_features(run, run.plans[0])
+    feats, y, val_feats, _ = phases.frozen_features(run, run.plans[0])
     n = len(run.data.train_y)
     assert feats.shape == (2 * n, plain.shape[1])
     assert torch.equal(y, torch.cat([run.data.train_y, run.data.train_y]))
@@ -194,7 +195,7 @@ def test_the_temperature_is_fitted_on_the_kept_epochs_logits_with_no_second_pass
     def no_second_pass(*args, **kwargs):
         raise AssertionError("the run scored the validation images again after training")
 
-    monkeypatch.setattr(train_mod, "predict_logits", no_second_pass)
+    monkeypatch.setattr(finish, "predict_logits", no_second_pass)
     cfg = tiny("cnn-baseline", cifar_dir, "phases.0.epochs=3", "phases.0.batch_size=32")
     train_mod.train(cfg, tmp_path / "run", progress=False)
     t = json.loads((tmp_path / "run" / "model.json").read_text())["temperature"]
@@ -237,7 +238,7 @@ def test_nan_loss_stops_with_a_clear_message(cifar_dir, tmp_path):
         train_mod.train(cfg, tmp_path / "run", progress=False)
 
 
-@pytest.mark.parametrize("recipe", sorted(__import__("cifar_transfer.config").config.recipe_names()))
+@pytest.mark.parametrize("recipe", sorted(__import__("cifar_transfer.recipes").recipes.recipe_names()))
 def test_every_shipped_recipe_runs_one_tiny_step(recipe, cifar_dir, tmp_path):
     """The recipe's own backbone, head and freezing, random init, 32 px, one epoch per phase."""
     cfg = load_recipe(recipe)
@@ -301,7 +302,7 @@ def test_the_bundle_names_the_resolution_its_best_weights_were_validated_at(
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["resolution"] == 64 and meta["val_acc"] == best["val_acc"] == summary["val_acc"]
     # "auto": what measured fastest for phase 0's step on this machine (cached per machine)
-    assert meta["precision"] == train_mod.plan_phases(cfg, 32, torch.device("cpu"))[0].precision
+    assert meta["precision"] == core.plan_phases(cfg, 32, torch.device("cpu"))[0].precision
     assert evaluate_run(tmp_path / "run", "val", None)["accuracy"] == meta["val_acc"]
 
 
@@ -310,11 +311,11 @@ def test_a_frozen_phase_after_fine_tuning_never_reads_features_of_other_weights(
     fine-tuning phase (write-up 2's order) the features must be the fine-tuned backbone's."""
     cfg = two_phase(cifar_dir, "run.precision=fp32")
     run = train_mod.Run(cfg, tmp_path, progress=False)
-    before, _, _, _ = train_mod.frozen_features(run, run.plans[0])
+    before, _, _, _ = phases.frozen_features(run, run.plans[0])
     with torch.no_grad():  # what a fine-tuning phase does to the backbone
         for p in run.model.backbone.parameters():
             p.mul_(1.1)
-    after, _, val_after, _ = train_mod.frozen_features(run, run.plans[0])
+    after, _, val_after, _ = phases.frozen_features(run, run.plans[0])
     assert not torch.allclose(before, after, atol=1e-3), "served the old weights' features"
     live = extract_features(run.model.eval(), run.data.val_x, 32, 100, "fp32", True, "live")
     assert torch.allclose(val_after, live, atol=1e-5)

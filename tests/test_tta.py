@@ -12,9 +12,10 @@ from test_calibrated_run import exported_logits, logits_of
 from test_train import tiny
 
 from cifar_transfer.artifacts.bundle import load_model
-from cifar_transfer.results.evaluate import predict_logits
+from cifar_transfer.models.inference import predict_logits
 from cifar_transfer.results.runs import evaluate_run
 from cifar_transfer.system.errors import UserError
+from cifar_transfer.training import finish
 from cifar_transfer.training import run as train_mod
 
 
@@ -67,7 +68,7 @@ def test_auto_bundles_flip_only_when_the_mirror_view_validates_better(
         run_labels.append(self.data.val_y.cpu())
 
     monkeypatch.setattr(train_mod.Run, "__init__", spy_init)
-    monkeypatch.setattr(train_mod, "predict_logits", mirror)
+    monkeypatch.setattr(finish, "predict_logits", mirror)
     summary = train_mod.train(cnn(cifar_dir, "auto", "phases.0.lr=1e-9"), tmp_path / "run", progress=False)
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     if mirror_is_right:
@@ -85,7 +86,7 @@ def test_off_never_scores_the_mirror_images(cifar_dir, tmp_path, monkeypatch):
     def no_pass(*args, **kwargs):
         raise AssertionError("run.tta=off scored the validation images again")
 
-    monkeypatch.setattr(train_mod, "predict_logits", no_pass)
+    monkeypatch.setattr(finish, "predict_logits", no_pass)
     train_mod.train(cnn(cifar_dir, "off"), tmp_path / "run", progress=False)
     assert json.loads((tmp_path / "run" / "model.json").read_text())["tta"] == "none"
 

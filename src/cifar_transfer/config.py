@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
-from importlib import resources
-from pathlib import Path
 from typing import Any
-
-import tomli_w
 
 from cifar_transfer.system.errors import UserError
 
@@ -148,7 +142,7 @@ def _a(noun: str) -> str:
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
-def _coerce(value: Any, typ: type, key: str) -> Any:
+def coerce(value: Any, typ: type, key: str) -> Any:
     """Turn a TOML value or a --set string into the field's type, or fail naming the key."""
     out = _convert(value, typ, key)
     # One rule for every float: inf/nan pass range checks written as `x >= 0` (inf warmup epochs
@@ -159,7 +153,7 @@ def _coerce(value: Any, typ: type, key: str) -> Any:
 
 
 def _convert(value: Any, typ: type, key: str) -> Any:
-    """The type conversion behind _coerce."""
+    """The type conversion behind coerce."""
     if typ is Number:  # a whole number stays an int (a count), anything else is a float
         text = value.strip() if isinstance(value, str) else value
         number = _convert(text, float, key)
@@ -168,7 +162,7 @@ def _convert(value: Any, typ: type, key: str) -> Any:
         items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
         if not isinstance(items, list) or not items:
             raise UserError(f"bad value for {key}: {value!r} is not a list of numbers such as 1e-3,1e-4")
-        return [_coerce(v, float, key) for v in items]
+        return [coerce(v, float, key) for v in items]
     if isinstance(value, str) and typ is not str:
         text = value.strip().lower()
         try:
@@ -205,7 +199,7 @@ class Number(float):
     """Marks a field that takes a count (int) or a fraction (float), e.g. data.val_size."""
 
 
-_TYPES = {
+FIELD_TYPES = {
     "int": int, "float": float, "str": str, "bool": bool, "list[float]": list, "int | float": Number,
 }
 
@@ -219,7 +213,7 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
             f"unknown config key {where}.{unknown[0]}: valid keys in [{where}] are "
             + ", ".join(names)
         )
-    kwargs = {k: _coerce(v, _TYPES[names[k].type], f"{where}.{k}") for k, v in table.items()}
+    kwargs = {k: coerce(v, FIELD_TYPES[names[k].type], f"{where}.{k}") for k, v in table.items()}
     return cls(**kwargs)
 
 
@@ -346,80 +340,3 @@ def validate(cfg: Config) -> None:
             or re.fullmatch(r"from-(layer|module):\d+", p.freeze) is not None,
             f"bad value for {k}.freeze: {p.freeze!r} (choose {FREEZE_FORMS})",
         )
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    """The resolved config as plain data (what config.toml holds)."""
-    return dataclasses.asdict(cfg)
-
-
-def to_toml(cfg: Config) -> str:
-    """The resolved config as TOML text."""
-    return tomli_w.dumps(to_dict(cfg))
-
-
-def recipe_names() -> list[str]:
-    """Names of the recipes shipped in the package."""
-    folder = resources.files("cifar_transfer") / "recipes"
-    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
-
-
-def load_recipe(name_or_path: str) -> Config:
-    """Load a shipped recipe by name, or a recipe/config TOML file by path."""
-    path = Path(name_or_path)
-    if name_or_path.endswith(".toml") or path.exists():
-        if not path.is_file():
-            raise UserError(f"recipe file {name_or_path} not found: give a path to a .toml file")
-        text, name = path.read_text(), path.stem
-    else:
-        res = resources.files("cifar_transfer") / "recipes" / f"{name_or_path}.toml"
-        if not res.is_file():
-            raise UserError(
-                f"unknown recipe {name_or_path!r}: choose one of {', '.join(recipe_names())}"
-                " (cifar-transfer recipes lists them) or give a .toml path"
-            )
-        text, name = res.read_text(), name_or_path
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"recipe {name_or_path} is not valid TOML ({e}): fix the file") from None
-    raw.setdefault("recipe", name)
-    return config_from_dict(raw, recipe=name)
-
-
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply KEY=VALUE overrides (e.g. model.backbone=resnet18, phases.0.epochs=2, phases.*.lr=0.1)."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep:
-            raise UserError(f"bad --set {item!r}: write KEY=VALUE, e.g. --set phases.0.epochs=2")
-        parts = key.split(".")
-        if len(parts) == 2 and parts[0] in SECTIONS:
-            section = getattr(cfg, parts[0])
-            targets, fname = [section], parts[1]
-        elif len(parts) == 3 and parts[0] == "phases":
-            fname = parts[2]
-            if parts[1] == "*":
-                targets = list(cfg.phases)
-            elif parts[1].isdigit() and int(parts[1]) < len(cfg.phases):
-                targets = [cfg.phases[int(parts[1])]]
-            else:
-                named = [p for p in cfg.phases if p.name == parts[1]]
-                if not named:
-                    raise UserError(
-                        f"unknown phase {parts[1]!r} in --set {key}: this recipe has phases "
-                        + ", ".join(f"{i} ({p.name})" for i, p in enumerate(cfg.phases))
-                    )
-                targets = named
-        else:
-            targets, fname = [], ""
-        types = {f.name: f.type for f in fields(targets[0])} if targets else {}
-        if fname not in types:
-            raise UserError(
-                f"unknown config key {key!r}: valid keys are " + ", ".join(valid_keys())
-            )
-        for t in targets:
-            setattr(t, fname, _coerce(value, _TYPES[types[fname]], key))
-    validate(cfg)
-    return cfg

@@ -12,10 +12,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from cifar_transfer.artifacts.checkpoint import atomic_write_json, save_safetensors
 from cifar_transfer.artifacts.rundir import META, WEIGHTS, parse_file, run_dir_of
 from cifar_transfer.config import Config
 from cifar_transfer.data.cifar10 import CLASSES
+from cifar_transfer.system.atomic import atomic_write_json, save_safetensors
 from cifar_transfer.system.errors import UserError
 
 FORMAT = "cifar-transfer/1"

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from cifar_transfer.artifacts.checkpoint import is_temp_file, remove_stale_temp_files
 from cifar_transfer.config import Config, config_from_dict
 from cifar_transfer.data.cifar10 import CLASSES
 from cifar_transfer.system import runlock
+from cifar_transfer.system.atomic import is_temp_file, remove_stale_temp_files
 from cifar_transfer.system.errors import UserError
 
 CONFIG = "config.toml"

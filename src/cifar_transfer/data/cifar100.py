@@ -1,5 +1,5 @@
 """CIFAR-100 as tensors: the official python archive (MD5-checked download, or a local folder),
-read through data.py's restricted unpickler; fine labels (100 classes) or coarse (20).
+read through cifar10.py's restricted unpickler; fine labels (100 classes) or coarse (20).
 
 The archive extracts to cifar-100-python/{train, test, meta}: `train` and `test` are one pickle
 each with 'data' (N, 3072) and 'fine_labels'/'coarse_labels'; `meta` names the classes.

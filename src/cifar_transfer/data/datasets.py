@@ -16,6 +16,7 @@ with its own val/ uses that instead of carving.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +32,20 @@ from cifar_transfer.data.cifar10 import (
     default_cache_dir,
     load_split,
     resolve_data_dir,
-    seeded_pick,
-    stratified_split,
-    stratified_subset,
 )
+from cifar_transfer.data.splits import seeded_pick, split_sizes, stratified_split, stratified_subset
 from cifar_transfer.system.errors import UserError
-from cifar_transfer.training.budget import split_sizes
-from cifar_transfer.training.features import fingerprint
 
 DEFAULT_FOLDER_STORAGE = 256
 LEAK_LIST = 3
+
+
+def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """A short content hash of the images and labels, so a cache never serves other data."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(images.cpu().numpy().tobytes())
+    h.update(labels.cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass

@@ -20,22 +20,20 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import os
 import sys
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from cifar_transfer.artifacts.checkpoint import save_safetensors
+from cifar_transfer.data.images import BadImage, decode_image
+from cifar_transfer.system.atomic import save_safetensors
 from cifar_transfer.system.errors import UserError
 
 IMAGE_SUFFIXES = frozenset({
@@ -48,10 +46,6 @@ CACHE_VERSION = "folder-1"
 MEMORY_SHARE = 0.8  # of the available memory a decoded set may take
 WARN_LIST = 10  # problem files named one by one; the rest are counted
 LAYOUT_FIX = "arrange the images as ROOT/<class>/*.jpg, or ROOT/train/<class>/... (+ val/, test/)"
-
-
-class BadImage(Exception):
-    """A file among the images that does not decode; the message says why."""
 
 
 @dataclass
@@ -160,52 +154,6 @@ def scan(root: Path) -> FolderScan:
 
 
 # --------------------------------------------------------------------------- decoding
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: 16-bit scaled down, transparency composited over white."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.size and arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" or img.mode == "PA":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "La", "RGBa"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGB", rgba.size, (255, 255, 255))
-        white.paste(rgba, mask=rgba.getchannel("A"))
-        return white
-    return img.convert("RGB")
-
-
-def decode_image(source: bytes | Path, size: int, draft: bool = True) -> np.ndarray:
-    """One image -> uint8 (size, size, 3): orientation, RGB, shorter side to `size`, centre crop.
-
-    Raises BadImage with the reason for a file that does not decode.
-    """
-    from cifar_transfer.results.predict import TOO_BIG  # also sets PIL's pixel limit
-
-    raw = source if isinstance(source, bytes) else Path(source).read_bytes()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(raw)) as img:
-                if draft:
-                    img.draft("RGB", (size, size))  # JPEG only: both sides stay >= size
-                img = to_rgb(ImageOps.exif_transpose(img))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadImage(TOO_BIG) from None
-    except Image.UnidentifiedImageError:
-        raise BadImage("not an image PIL can read (a non-image file with an image's name?)") from None
-    except MemoryError:
-        raise BadImage("too large to decode in the memory left: downscale it") from None
-    except Exception as e:  # noqa: BLE001 - damaged files raise OSError, SyntaxError, struct.error ...
-        raise BadImage(f"truncated or corrupt ({type(e).__name__}: {str(e)[:80]})") from None
-    w, h = img.size
-    side = min(w, h)
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    img = img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-    return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy shares it)
 
 
 def _decode_one(path: Path, size: int, draft: bool) -> tuple[np.ndarray | None, int, str]:

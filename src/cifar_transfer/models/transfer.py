@@ -13,15 +13,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cifar_transfer.config import HEADS
-from cifar_transfer.models.backbones import (
-    BackboneSpec,
-    Layers,
-    Stages,
-    build_backbone,
-    family_of,
-    get_spec,
-    keras_resnet_layers,
-)
+from cifar_transfer.models.backbones import Layers, Stages, build_backbone, family_of, get_spec
+from cifar_transfer.models.families import BackboneSpec, keras_resnet_layers
 from cifar_transfer.system.errors import UserError
 
 
@@ -34,7 +27,7 @@ class TransferModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self._frozen_bn: tuple[str, ...] = ()  # module names, so deepcopy (EMA) carries them
-        # Temperature scaling (calibration.py): a plain float, not a buffer, so the weights file
+        # Temperature scaling (temperature.py): a plain float, not a buffer, so the weights file
         # is unchanged; load_model sets it from model.json, and exports trace it as a constant.
         self.temperature = 1.0
         # Flip TTA (run.tta): in eval mode the logits are the mean of the image's and its mirror

@@ -1,60 +1,15 @@
-"""Logits -> metrics (accuracy, per-class precision/recall, confusion matrix), with optional flip TTA."""
+"""Logits -> metrics: accuracy, balanced accuracy, per-class precision/recall, confusion matrix.
+(The logits themselves come from models/inference.py, the one forward path.)"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cifar_transfer.data.cifar10 import CLASSES
-from cifar_transfer.data.transforms import to_model_input
-from cifar_transfer.system import hardware
-
-
-def batched_logits(
-    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int,
-    precision: str, to_input: Callable[[torch.Tensor], torch.Tensor], tta: bool = False,
-    mirrored: bool = False,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """(start, float32 logits) for each batch of `images`, under autocast: the one forward pass
-    that validation and `evaluate` share, so the bundle's val_acc is what `evaluate` prints.
-    `tta` averages with the mirror image (the cheapest TTA that pays on CIFAR); `mirrored` scores
-    the mirror images alone (a run that has the plain logits already: their mean is the TTA's)."""
-    for start in range(0, len(images), batch_size):
-        x = to_input(images[start : start + batch_size])
-        with hardware.autocast(images.device, precision):
-            y = forward(torch.flip(x, dims=[3]) if mirrored else x).float()
-            if tta:
-                y = (y + forward(torch.flip(x, dims=[3])).float()) / 2
-        yield start, y
-
-
-@torch.inference_mode()
-def predict_logits(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    resolution: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    precision: str,
-    channels_last: bool = True,
-    tta: bool = False,
-    mirrored: bool = False,
-) -> torch.Tensor:
-    """Run the model in eval mode over uint8 images already on its device; float32 logits on CPU
-    (of the mirror images with `mirrored`)."""
-    was_training = model.training
-    model.eval()
-    out = [y.cpu() for _, y in batched_logits(
-        model.forward, images, batch_size, precision,
-        lambda x: to_model_input(x, resolution, mean, std, channels_last), tta, mirrored,
-    )]  # fmt: skip
-    model.train(was_training)
-    dim = out[0].shape[1] if out else 0
-    return torch.cat(out) if out else torch.empty(0, dim)
 
 
 def compute_metrics(

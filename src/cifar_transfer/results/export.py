@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifar_transfer.artifacts.bundle import FORMAT, load_model, temperature_of
-from cifar_transfer.artifacts.checkpoint import atomic_write_bytes
 from cifar_transfer.artifacts.rundir import run_dir_of, run_split
-from cifar_transfer.results.evaluate import predict_logits
+from cifar_transfer.models.inference import predict_logits
+from cifar_transfer.system.atomic import atomic_write_bytes
 from cifar_transfer.system.errors import UserError
 
 if TYPE_CHECKING:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cifar_transfer.results.evaluate import predict_logits
+from cifar_transfer.data.images import TOO_BIG, BadImage, decode_image
+from cifar_transfer.models.inference import predict_logits
 from cifar_transfer.system.errors import UserError
 
 if TYPE_CHECKING:
@@ -28,16 +29,6 @@ if TYPE_CHECKING:
 GLOB_CHARS = frozenset("*?[")
 IMAGE_FIX = "pass PNG/JPEG/BMP/GIF/TIFF/WebP image files"
 NO_IMAGES = "folder holds no images: pass a folder of images or a glob such as 'photos/*.jpg'"
-# A 22 KB PNG can declare 14000x13000 pixels; decoding it (x3 for RGB) could take the machine's
-# memory. PIL only warns above its default limit (89 Mpx) and refuses above twice that, so we set
-# the limit and refuse anything over it. 2**27 (134 Mpx) is above the largest common camera
-# photos (~100 Mpx medium format, 108 Mpx phones); a 32x32 prediction needs nothing bigger.
-MAX_IMAGE_PIXELS = 2**27
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-TOO_BIG = (
-    f"more than {MAX_IMAGE_PIXELS:,} pixels, too many to decode (a decompression bomb?): "
-    f"downscale it first"
-)
 # Files decoded before their results are printed: a huge glob shows progress, and memory stays
 # bounded (a decoded image is 3 KB). The forward batch is --batch-size, within each read batch.
 READ_BATCH = 256
@@ -214,8 +205,6 @@ def read_image(path: Path, size: int = 32, crop: bool = False) -> torch.Tensor:
     """Any image PIL reads -> uint8 (3, 32, 32), downscaled the way CIFAR-10 images were made;
     with `crop`, (3, size, size) the way folder.py decoded a folder model's training images."""
     if crop:
-        from cifar_transfer.data.folder import BadImage, decode_image
-
         try:
             return torch.from_numpy(decode_image(Path(path), size).copy()).permute(2, 0, 1)
         except BadImage as e:
@@ -230,7 +219,7 @@ def read_image(path: Path, size: int = 32, crop: bool = False) -> torch.Tensor:
 
 
 class _Unreadable(Exception):
-    """A file folder.decode_image could not decode; the message is the reason."""
+    """A file images.decode_image could not decode; the message is the reason."""
 
 
 def _read(pred: Prediction, geometry: tuple[int, bool] = (32, False)) -> torch.Tensor | None:

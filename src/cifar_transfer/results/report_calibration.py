@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cifar_transfer.results.calibration import separable_difference, wilson_interval
+from cifar_transfer.results.figures import image_grid_figure, new_figure, png_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -76,9 +77,7 @@ def usable_calibration(ev: dict) -> bool:
 
 def reliability_figure(calibration: dict) -> Figure:
     """Accuracy vs confidence per bin, before and after temperature scaling; counts on the bars."""
-    from cifar_transfer.results.report import _figure
-
-    fig = _figure(11.0, 4.4)
+    fig = new_figure(11.0, 4.4)
     axes = fig.subplots(1, 2, sharey=True)
     t = calibration["temperature"]
     for ax, side, colour, title in (
@@ -110,9 +109,7 @@ def reliability_figure(calibration: dict) -> Figure:
 
 def coverage_figure(curve: list[dict], accuracy: float) -> Figure:
     """Selective accuracy against coverage: answer only the most confident share of images."""
-    from cifar_transfer.results.report import _figure
-
-    fig = _figure(6.0, 4.0)
+    fig = new_figure(6.0, 4.0)
     ax = fig.subplots()
     ax.plot([p["coverage"] for p in curve], [p["accuracy"] for p in curve], color=AFTER_COLOUR,
             lw=2, marker="o", ms=2.5)  # fmt: skip
@@ -134,8 +131,6 @@ def calibration_figures(ev: dict | None, preds: Predictions | None, classes: lis
     """PNG bytes of the reliability diagram, coverage curve and suspected-label-error grid."""
     if not ev or not usable_calibration(ev):
         return {}
-    from cifar_transfer.results.report import image_grid_figure, png_bytes
-
     figures = {"reliability": png_bytes(reliability_figure(ev["calibration"]))}
     if ev["coverage_curve"]:
         figures["coverage"] = png_bytes(coverage_figure(ev["coverage_curve"], ev["accuracy"]))

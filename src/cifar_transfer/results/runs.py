@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from cifar_transfer.artifacts.bundle import load_model, read_meta
-from cifar_transfer.artifacts.checkpoint import atomic_write_json
 from cifar_transfer.artifacts.rundir import (
     META,
     RunSplit,
@@ -22,8 +21,11 @@ from cifar_transfer.artifacts.rundir import (
     run_dir_of,
     run_split,
 )
+from cifar_transfer.models import temperature
+from cifar_transfer.models.inference import predict_logits
 from cifar_transfer.results import calibration
-from cifar_transfer.results.evaluate import compute_metrics, predict_logits
+from cifar_transfer.results.evaluate import compute_metrics
+from cifar_transfer.system.atomic import atomic_write_json
 from cifar_transfer.system.errors import UserError
 from cifar_transfer.system.hardware import pick_device, pick_precision
 
@@ -40,7 +42,7 @@ class Predictions:
     @property
     def calibrated(self) -> torch.Tensor:
         """Logits divided by the temperature: what the bundle's model outputs."""
-        return calibration.scaled(self.logits, self.temperature)
+        return temperature.scaled(self.logits, self.temperature)
 
     @property
     def probs(self) -> torch.Tensor:
@@ -112,7 +114,7 @@ def calibrate_run(run_dir: Path, data_dir: str | None = None) -> dict:
             f"a temperature on (fitting it on the test split would make the test figures optimistic)"
         )
     preds = predict_split(run_dir, run_split(run_dir, data_dir, "val", purpose="calibrate needs"))
-    preds.temperature = calibration.fit_temperature(preds.logits, preds.split.labels)
+    preds.temperature = temperature.fit_temperature(preds.logits, preds.split.labels)
     lock = claim(run_dir, new=False)
     try:
         meta = read_meta(run_dir)

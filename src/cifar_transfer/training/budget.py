@@ -21,7 +21,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from cifar_transfer.config import Config, PhaseConfig, val_count
+from cifar_transfer.config import Config, PhaseConfig
+from cifar_transfer.data.splits import split_sizes
 from cifar_transfer.system.errors import UserError
 
 FREEZE = {"full": "none", "partial": "from-layer:100"}  # fine-tuning kind -> phase freeze
@@ -354,13 +355,6 @@ def format_seconds(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s" if s % 60 else f"{s // 60}m"
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-
-
-def split_sizes(cfg: Config, total: int = 50_000) -> tuple[int, int]:
-    """(training images, validation images) a config trains on, of `total` (CIFAR-10's 50,000)."""
-    n_val = min(val_count(cfg.data.val_size, total), total)  # a count, or a fraction (0.2)
-    n_train = total - n_val
-    return (min(cfg.data.train_limit, n_train) if cfg.data.train_limit else n_train), n_val
 
 
 def recipe_seconds(cfg: Config, speed: Callable[[Cell], float], native: int,

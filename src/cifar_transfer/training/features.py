@@ -13,21 +13,13 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from cifar_transfer.artifacts.checkpoint import save_safetensors
 from cifar_transfer.data.transforms import to_model_input
+from cifar_transfer.system.atomic import save_safetensors
 from cifar_transfer.system.errors import UserError
 from cifar_transfer.system.hardware import autocast
 
 # Cache folders a write failed in (read-only, under a file, full): said once per process, not retried.
 _UNWRITABLE: set[Path] = set()
-
-
-def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """A short content hash of the images and labels, so a cache never serves other data."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(images.cpu().numpy().tobytes())
-    h.update(labels.cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

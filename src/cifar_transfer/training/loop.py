@@ -19,7 +19,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from cifar_transfer.data.transforms import augment, batch_indices, to_model_input
-from cifar_transfer.results.evaluate import batched_logits
+from cifar_transfer.models.inference import logits_of
 from cifar_transfer.system import hardware
 from cifar_transfer.training import distributed
 
@@ -181,15 +181,12 @@ def validate(net: torch.nn.Module, inputs: PhaseInputs, batch_size: int, precisi
     if n == 0:  # val_size=0: nothing to measure (JSON has no NaN)
         return Validation(None, None, None)
     device = inputs.val_y.device
-    was_training = net.training
-    net.eval()
     part = distributed.shard(n)
     x, y = inputs.val_x[part], inputs.val_y[part]
+    logits_all = logits_of(net, x, batch_size, precision, inputs.model_input)
     sums, per_class = torch.zeros(2, dtype=torch.float64, device=device), None
-    kept: list[torch.Tensor] = []
-    for start, logits in batched_logits(net, x, batch_size, precision, inputs.model_input):
-        kept.append(logits)
-        target = y[start : start + batch_size]
+    for start in range(0, len(y), batch_size):  # sums batch by batch, as they always added up
+        logits, target = logits_all[start : start + batch_size], y[start : start + batch_size]
         right = logits.argmax(1) == target
         sums[0] += F.cross_entropy(logits, target, reduction="sum").double()
         sums[1] += right.sum().double()
@@ -197,7 +194,6 @@ def validate(net: torch.nn.Module, inputs: PhaseInputs, batch_size: int, precisi
             per_class = torch.zeros(2, logits.shape[1], dtype=torch.float64, device=device)
         per_class[0] += torch.bincount(target, minlength=logits.shape[1]).double()
         per_class[1] += torch.bincount(target[right], minlength=logits.shape[1]).double()
-    net.train(was_training)
     if per_class is None:  # this rank's shard was empty; the class count is the head's
         per_class = torch.zeros(2, _classes(net), dtype=torch.float64, device=device)
     loss_sum, hits = distributed.all_reduce_sum(sums).tolist()
@@ -206,7 +202,7 @@ def validate(net: torch.nn.Module, inputs: PhaseInputs, batch_size: int, precisi
     balanced = float((class_hits[present] / counts[present]).mean())
     # float32 division, as a float32 mean computes it, so the figure is the one `evaluate` prints
     # and best-epoch ties compare equal when a run resumes under another world size.
-    whole = torch.cat(kept) if kept and distributed.world_size() == 1 else None
+    whole = logits_all if len(y) and distributed.world_size() == 1 else None
     return Validation(loss_sum / n, float(torch.tensor(hits, dtype=torch.float32) / n), balanced, whole)
 
 

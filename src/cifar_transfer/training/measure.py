@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from cifar_transfer.artifacts.checkpoint import atomic_write_json
 from cifar_transfer.config import Config
 from cifar_transfer.data.cifar10 import default_cache_dir
 from cifar_transfer.data.datasets import split_counts
 from cifar_transfer.models.backbones import get_spec
 from cifar_transfer.system import hardware
+from cifar_transfer.system.atomic import atomic_write_json
 from cifar_transfer.training import distributed
 from cifar_transfer.training.bench import measure
 from cifar_transfer.training.budget import (

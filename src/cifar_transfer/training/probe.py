@@ -12,20 +12,11 @@ The standardization is folded back into the returned weights, so the result is a
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-from cifar_transfer.system.errors import UserError
-from cifar_transfer.training.loop import PhaseInputs, validate
-from cifar_transfer.training.plan import PhasePlan
-
-if TYPE_CHECKING:
-    from cifar_transfer.training.run import Run
 
 MAX_ITER = 500  # L-BFGS iterations per penalty; a warm-started fit usually stops well before
 
@@ -92,50 +83,3 @@ def sweep(
         weight, bias = _unfold(w.detach(), b.detach(), mean, std)
         iters = int(opt.state[w].get("n_iter", 0))
         yield ProbeFit(l2, weight.clone(), bias.clone(), ce, acc, iters)
-
-
-def run_probe_phase(run: Run, plan: PhasePlan, inputs: PhaseInputs) -> None:
-    """The probe as a phase: one metrics row per L2 penalty; the head ends on the best one.
-
-    Every rank fits the same probe on the same features (seconds), so nothing is sharded.
-    """
-    head, phase, log = run.model.head, plan.phase, run.log
-    assert isinstance(head, torch.nn.Linear)  # config validation: lbfgs needs a linear head
-    t0 = time.perf_counter()
-    # (score, fit, head weights, its val_acc)
-    best: tuple[tuple[float, float], ProbeFit, dict, float | None] | None = None
-    fits = sweep(inputs.train_x, inputs.train_y, phase.l2_values, head.out_features,
-                 class_weights=inputs.class_weights)  # fmt: skip
-    for n, fit in enumerate(fits, 1):
-        if not (torch.isfinite(fit.weight).all() and torch.isfinite(fit.bias).all()):
-            raise UserError(
-                f"the probe of phase {phase.name!r} diverged at l2 {fit.l2:g} (non-finite weights): "
-                f"use larger l2_values, or check the features for NaN"
-            )
-        with torch.no_grad():
-            head.weight.copy_(fit.weight.to(head.weight))
-            head.bias.copy_(fit.bias.to(head.bias))
-        val_loss, val_acc, val_balanced, _ = validate(
-            head, inputs, run.cfg.run.eval_batch_size, plan.precision
-        )
-        seconds = time.perf_counter() - t0
-        row = log.row(
-            plan, n, train_loss=fit.train_loss, train_acc=fit.train_acc, val_loss=val_loss,
-            val_acc=val_acc, lr=0.0, l2=fit.l2, lbfgs_iterations=fit.iterations,
-            img_per_s=len(inputs.train_x) / max(seconds, 1e-9), seconds=seconds,
-            val_balanced_acc=val_balanced,
-        )  # fmt: skip
-        if n == 1:
-            row["extract_seconds"] = inputs.extract_seconds
-        log.log(row, len(phase.l2_values), f" l2 {fit.l2:g} ({fit.iterations} L-BFGS iterations)")
-        t0 = time.perf_counter()
-        chosen = log.score(row)  # val_acc, or val_balanced_acc with run.select_by
-        score = (chosen if chosen is not None else -fit.train_loss, -(val_loss or 0.0))
-        if best is None or score > best[0]:
-            best = (score, fit, {k: v.clone() for k, v in head.state_dict().items()}, val_acc)
-        run.keep_if_best(row, plan, run.model)
-    assert best is not None
-    head.load_state_dict(best[2])  # later phases start from the chosen penalty's head
-    run.ended_on(best[3], plan)
-    log.say(f"probe: kept l2 {best[1].l2:g} (best validation accuracy)")
-    run.checkpoint(plan, phase.epochs, done=True)

@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from cifar_transfer.artifacts.checkpoint import Best, atomic_write_text
+from cifar_transfer.artifacts.checkpoint import Best
 from cifar_transfer.artifacts.rundir import METRICS
+from cifar_transfer.system.atomic import atomic_write_text
 from cifar_transfer.system.errors import UserError
 from cifar_transfer.training.plan import PhasePlan
 

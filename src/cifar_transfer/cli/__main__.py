@@ -1,0 +1,3 @@
+from cifar_transfer.cli import main
+
+raise SystemExit(main())
