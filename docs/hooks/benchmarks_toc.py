@@ -25,7 +25,7 @@ def sections(text: str) -> str:
     return "\n".join(out)
 
 
-def on_page_markdown(markdown, page, config, files):  # noqa: ANN001, ANN201 (MkDocs' hook)
+def on_page_markdown(markdown, page, config, files):  # MkDocs' hook signature
     if page.file.src_uri != PAGE:
         return markdown
     from mkdocs.exceptions import PluginError

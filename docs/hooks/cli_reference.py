@@ -80,7 +80,7 @@ def render() -> str:
     return "\n".join(parts)
 
 
-def on_config(config):  # noqa: ANN001, ANN201 (MkDocs' hook signature)
+def on_config(config):  # MkDocs' hook signature
     """Document the checkout being built: its src/ goes first on the import path."""
     src = str(Path(config.config_file_path).resolve().parent / "src")
     if src not in sys.path:
@@ -88,7 +88,7 @@ def on_config(config):  # noqa: ANN001, ANN201 (MkDocs' hook signature)
     return config
 
 
-def on_files(files, config):  # noqa: ANN001, ANN201 (MkDocs' hook signature)
+def on_files(files, config):  # MkDocs' hook signature
     """Add the generated page to the site's files (before the nav is built from them)."""
     from mkdocs.exceptions import PluginError
     from mkdocs.structure.files import File
