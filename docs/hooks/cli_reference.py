@@ -59,6 +59,16 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return found
 
 
+def summaries(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each subcommand's one-line help, as the top-level help lists it."""
+    out: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                out[choice.dest] = choice.help or ""
+    return out
+
+
 def help_texts() -> dict[str, str]:
     """{"": top-level help, "train": `cifar-transfer train --help`, ...} at WIDTH columns."""
     from cifar_transfer.cli import build_parser
@@ -73,10 +83,14 @@ def help_texts() -> dict[str, str]:
 
 def render() -> str:
     """The Markdown of the page."""
+    from cifar_transfer.cli import build_parser
+
+    summary = summaries(build_parser())
     parts = [INTRO.format(width=WIDTH)]
     for name, text in help_texts().items():
         command = f"cifar-transfer {name}".strip()
-        parts.append(f"## `{command}`\n\n```text\n$ {command} --help\n{text.rstrip()}\n```\n")
+        line = f"{summary[name][:1].upper()}{summary[name][1:]}.\n\n" if summary.get(name) else ""
+        parts.append(f"## `{command}`\n\n{line}```text\n$ {command} --help\n{text.rstrip()}\n```\n")
     return "\n".join(parts)
 
 
