@@ -4,6 +4,7 @@ offline, and README.md stays a front page. Fast (a few seconds) and offline."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -66,8 +67,6 @@ def test_the_reference_is_formatted_at_a_fixed_width_whatever_the_terminal(monke
     narrow = cli_reference.render()
     monkeypatch.setenv("COLUMNS", "250")
     assert cli_reference.render() == narrow
-    import os
-
     assert os.environ["COLUMNS"] == "250"  # restored after formatting
 
 
