@@ -2,6 +2,9 @@
 #   make train   -> creates .venv (once), trains into runs/: the default recipe on a GPU; without
 #                   one, the best plan that fits a $(BUDGET) budget (BUDGET=none: the full recipe)
 #   make test    -> creates .venv (once), runs the test suite (offline, a few minutes on 2 cores)
+# and the documentation:
+#   make docs    -> the docs tools into .venv if missing, then mkdocs build --strict into site/
+#                   (open site/index.html; .venv/bin/mkdocs serve for a live preview)
 PYTHON ?= python3
 VENV ?= .venv
 ARGS ?=
@@ -12,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-.PHONY: setup train test lint
+.PHONY: setup train test lint docs
 setup: $(VENV)/.installed
 
 train: $(VENV)/.installed
@@ -28,3 +31,8 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
+
+docs: $(VENV)/.installed
+	@$(VENV)/bin/python -c "import mkdocs, material" 2>/dev/null || \
+		$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/python -m mkdocs build --strict
