@@ -150,3 +150,24 @@ def test_the_public_api_imports_from_the_package_root_without_loading_torch():
         "cifar_transfer.artifacts.bundle", "cifar_transfer.models.inference",
         "cifar_transfer.models.backbones",
     ]
+
+
+def test_every_module_is_in_the_layout_page():
+    """docs/reference/layout.md's table names every module, so a newcomer's map never goes stale."""
+    page = SRC.parent.parent / "docs" / "reference" / "layout.md"
+    if not page.is_file():
+        import pytest
+
+        pytest.skip("no docs/ beside src/ (an installed package)")
+    text = page.read_text()
+    missing = []
+    for name, path in modules().items():
+        if path.name in ("__init__.py", "__main__.py") and path.parent != SRC:
+            if path.name == "__main__.py" or len(list(path.parent.glob("*.py"))) > 1:
+                continue  # a package of modules: its modules are listed
+        if path.parent == SRC and path.name in ("__init__.py", "__main__.py"):
+            continue
+        row = name.removeprefix(f"{PACKAGE}.").replace(".", "/")
+        if f"| `{row}` |" not in text:
+            missing.append(row)
+    assert not missing, f"add these to {page.name}'s table: {missing}"
