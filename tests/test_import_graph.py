@@ -162,12 +162,30 @@ def test_every_module_is_in_the_layout_page():
     text = page.read_text()
     missing = []
     for name, path in modules().items():
-        if path.name in ("__init__.py", "__main__.py") and path.parent != SRC:
-            if path.name == "__main__.py" or len(list(path.parent.glob("*.py"))) > 1:
-                continue  # a package of modules: its modules are listed
-        if path.parent == SRC and path.name in ("__init__.py", "__main__.py"):
-            continue
+        package_init = path.name == "__init__.py" and (
+            path.parent == SRC or len(list(path.parent.glob("*.py"))) > 1
+        )
+        if path.name == "__main__.py" or package_init:
+            continue  # the package root, or a package of modules: its modules are listed
         row = name.removeprefix(f"{PACKAGE}.").replace(".", "/")
         if f"| `{row}` |" not in text:
             missing.append(row)
     assert not missing, f"add these to {page.name}'s table: {missing}"
+
+
+def test_every_module_imports_and_every_imported_name_exists():
+    """A moved name leaves no `from x import name` behind that only fails when that path runs."""
+    import importlib
+
+    for name in sorted(modules()):
+        if name.endswith("__main__"):
+            continue
+        importlib.import_module(name)
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE):
+                target = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(target, alias.name) or f"{node.module}.{alias.name}" in modules(), (
+                        f"{name} imports {alias.name} from {node.module}, which has no such name"
+                    )

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cifar_transfer.config import HEADS
-from cifar_transfer.models.backbones import Layers, Stages, build_backbone, family_of, get_spec
-from cifar_transfer.models.families import BackboneSpec, keras_resnet_layers
+from cifar_transfer.models.backbones import build_backbone, family_of, get_spec
+from cifar_transfer.models.families import BackboneSpec, Layers, Stages, keras_resnet_layers
 from cifar_transfer.system.errors import UserError
 
 
