@@ -491,6 +491,7 @@ def test_real_validation_split_is_balanced(real_train: tuple[torch.Tensor, torch
     assert len(train) == 45_000
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_per_step_input_path_never_makes_the_host_wait_for_the_gpu():
     # A host sync per step (a blocking copy, a value read back) keeps the GPU idle while Python
