@@ -356,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=_cmd_bench)
+
+    from cifar_transfer.serving.cli import add_serve_parser, cmd_serve  # light: no FastAPI/torch
+
+    add_serve_parser(sub).set_defaults(func=cmd_serve)
     return parser
 
 
