@@ -70,12 +70,18 @@ def check_limits(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the model, then run uvicorn until SIGTERM/Ctrl-C (graceful: accepted requests finish)."""
-    import uvicorn
-
-    from cifar_transfer.serving.app import create_app
-    from cifar_transfer.serving.model import load_served_model
+    from cifar_transfer.serving.model import UserError, load_served_model
 
     limits = check_limits(args)
+    try:
+        import uvicorn
+
+        from cifar_transfer.serving.app import create_app
+    except ImportError as e:
+        raise UserError(
+            f"serve needs {e.name}: pip install 'cifar-transfer[serve]' (fastapi, uvicorn, "
+            f"python-multipart)"
+        ) from None
     served = load_served_model(args.model, args.backend or "auto")
     app = create_app(served, limits)
     config = uvicorn.Config(
