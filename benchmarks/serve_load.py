@@ -74,7 +74,7 @@ def hostile_uploads(jpeg: bytes) -> list[tuple[str, int, dict]]:
     """(name, expected status, httpx.post arguments)."""
     big = 200 * 1024 * 1024
 
-    def zeros(n: int):
+    async def zeros(n: int):  # streamed: the client never holds 200 MB either
         for _ in range(n // (1 << 20)):
             yield b"\0" * (1 << 20)
 
@@ -104,7 +104,8 @@ class Load:
 
     def __init__(self, url: str, images: list[bytes], pid: int, rss_at: list[int]) -> None:
         self.url, self.images, self.pid = url, images, pid
-        self.rss_at, self.rss: dict[int, float] = sorted(rss_at), {}
+        self.rss_at = sorted(rss_at)
+        self.rss: dict[int, float] = {}
         self.total = 0  # every load request, sequential and concurrent phases together
 
     def _count(self) -> None:

@@ -62,11 +62,15 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-def _too_large(limit: int) -> str:
-    return (
+def _too_large(limit: int) -> Response:
+    """413. The connection stays open: uvicorn passes the rest of the body through its parser
+    and drops it (never stored), so the client, still sending, can read this answer. Closing
+    at once would reset the connection under the client's unsent bytes and lose the 413
+    (measured: httpx then sees a ReadError, not the status)."""
+    return error_response(413, (
         f"request body over {limit:,} bytes: send smaller images (or fewer per request), or "
         f"start the server with a larger --max-body"
-    )
+    ))  # fmt: skip
 
 
 class BodyLimit:
@@ -82,7 +86,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await error_response(413, _too_large(self.limit))(scope, receive, send)
+            await _too_large(self.limit)(scope, receive, send)
             return
         received, started = 0, False
 
@@ -105,7 +109,7 @@ class BodyLimit:
         except BodyTooLarge:
             if started:
                 raise
-            await error_response(413, _too_large(self.limit))(scope, receive, send)
+            await _too_large(self.limit)(scope, receive, send)
 
 
 class Server:
