@@ -153,19 +153,25 @@ class Server:
                 raise result
         return results  # type: ignore[return-value]
 
-    async def predict(
-        self, uploads: list[tuple[str, bytes]], top: int, min_confidence: float | None,
-        deadline: float,
-    ) -> dict:  # fmt: skip
-        images = await self.decode(uploads)
+    @contextlib.contextmanager
+    def refusals(self):
+        """QueueFull and Closed from the batcher as 503 with Retry-After."""
         try:
-            futures = self.batcher.submit_many(images)
+            yield
         except QueueFull as e:
             raise ApiError(503, f"server busy: {e}: retry after a second (or start it with a "
                            f"larger --max-queue)", {"Retry-After": "1"}) from None
         except Closed:
             raise ApiError(503, "the server is shutting down: retry in a few seconds",
                            {"Retry-After": "5"}) from None
+
+    async def predict(
+        self, uploads: list[tuple[str, bytes]], top: int, min_confidence: float | None,
+        deadline: float,
+    ) -> dict:  # fmt: skip
+        images = await self.decode(uploads)
+        with self.refusals():
+            futures = self.batcher.submit_many(images)
         try:
             async with asyncio.timeout_at(deadline):
                 rows = await asyncio.gather(*futures)
@@ -269,9 +275,8 @@ def create_app(served: ServedModel, limits: Limits | None = None) -> FastAPI:
     ) -> JSONResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.timeout
-        if server.shutting_down:
-            raise ApiError(503, "the server is shutting down: retry in a few seconds",
-                           {"Retry-After": "5"})
+        with server.refusals():  # a full queue refuses before the body is read and decoded
+            server.batcher.check_room(1)
         try:
             async with asyncio.timeout_at(deadline):
                 uploads = await _read_uploads(request, limits)

@@ -80,12 +80,17 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-infer")
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
-    def submit_many(self, payloads: Sequence[Any]) -> list[asyncio.Future]:
-        """Queue every payload or none (QueueFull / Closed); futures resolve to their results."""
+    def check_room(self, n: int = 1) -> None:
+        """Raise QueueFull / Closed now if `n` more images would be refused: a request learns it
+        before its body is read and decoded."""
         if self._closed or self._worker is None:
             raise Closed("the server is shutting down")
-        if self.queued + len(payloads) > self.max_queue:
+        if self.queued + n > self.max_queue:
             raise QueueFull(f"{self.queued} images already wait (the queue holds {self.max_queue})")
+
+    def submit_many(self, payloads: Sequence[Any]) -> list[asyncio.Future]:
+        """Queue every payload or none (QueueFull / Closed); futures resolve to their results."""
+        self.check_room(len(payloads))
         loop = asyncio.get_running_loop()
         items = [_Item(p, loop.create_future()) for p in payloads]
         self._waiting.extend(items)
