@@ -184,6 +184,26 @@ def test_concurrent_requests_share_forward_passes(bundle, photos, served, capsys
         assert max(abs(a["prob"] - b["prob"]) for a, b in zip(got["top"], expected)) < 1e-6
 
 
+def test_the_onnx_backend_serves_the_exported_file_with_predicts_numbers(
+    bundle, photos, tmp_path, capsys
+):
+    pytest.importorskip("onnxruntime")
+    from fastapi.testclient import TestClient
+
+    copy = Path(shutil.copytree(bundle, tmp_path / "run"))
+    assert main(["export", str(copy), "--format", "onnx"]) == 0  # RUN_DIR/model.onnx
+    onnx_alone = predict_json(copy / "model.onnx", photos[:2], 1, capsys)
+    torch_alone = predict_json(copy, photos[:2], 1, capsys)
+    served = load_served_model(copy, "onnx")
+    assert served.backend == "onnx" and served.info["tta"] == "flip"
+    with TestClient(create_app(served, Limits())) as client:
+        for path, expected, torch_expected in zip(photos, onnx_alone, torch_alone):
+            (got,) = image_post(client, path.read_bytes(), "image/jpeg").json()["predictions"]
+            assert got["top"] == expected["top"]  # the same file at the same batch size
+            assert got["top"][0]["class"] == torch_expected["top"][0]["class"]
+            assert abs(got["top"][0]["prob"] - torch_expected["top"][0]["prob"]) < 1e-4
+
+
 # ----------------------------------------------------------------------------- hostile inputs
 
 
