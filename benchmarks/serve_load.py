@@ -96,7 +96,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 class Load:
@@ -178,7 +178,7 @@ async def send_hostile(url: str, uploads: list[tuple[str, int, dict]], start_aft
 def machine() -> dict:
     info = {"python": platform.python_version(), "cores": os.cpu_count()}
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
         fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
         info["cpu"] = fields.get("Model name", "").strip()
         flags = fields.get("Flags", "").split()
