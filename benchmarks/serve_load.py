@@ -14,7 +14,12 @@ them):
    meanwhile, every few seconds, a hostile upload (empty body, text, truncated JPEG, PNG bomb,
    wrong content type, a 200 MB body declared and a 200 MB body chunked): each must get its 4xx
    while the load's requests keep succeeding;
-3. more load (if needed) until --rss-requests are reached: the server's RSS (VmRSS) after each.
+3. more concurrent load (if needed) until --rss-requests requests of it are reached: the
+   server's RSS (VmRSS) after each (counted from the start of the concurrent phase, so the
+   first milestone is already at full batches: growth after it would be a leak).
+
+The CPU time other processes took meanwhile (the machine's busy time from /proc/stat less the
+server's and this client's) is reported per phase, in cores.
 
 Everything is bounded (duration and request caps, client timeouts) and the server is stopped
 with SIGTERM at the end. Prints one line per figure and writes them all with --json. The load
@@ -57,6 +62,24 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far: the whole machine's busy time, the server's, this process's."""
+    hz = os.sysconf("SC_CLK_TCK")
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    own = os.times()
+    return {"machine": busy / hz, "server": (int(stat[11]) + int(stat[12])) / hz,
+            "client": own.user + own.system}  # fmt: skip
+
+
+def foreign_cores(before: dict[str, float], after: dict[str, float], seconds: float) -> float:
+    """Cores' worth of CPU that other processes used meanwhile (neither server nor client)."""
+    other = (after["machine"] - before["machine"]) - (after["server"] - before["server"]) - (
+        after["client"] - before["client"])
+    return round(max(0.0, other) / seconds, 2)
 
 
 def png_bomb(width: int, height: int) -> bytes:
@@ -106,9 +129,12 @@ class Load:
         self.url, self.images, self.pid = url, images, pid
         self.rss_at = sorted(rss_at)
         self.rss: dict[int, float] = {}
-        self.total = 0  # every load request, sequential and concurrent phases together
+        self.total = 0  # requests counted towards the RSS milestones
+        self.counting = False
 
     def _count(self) -> None:
+        if not self.counting:
+            return
         self.total += 1
         while self.rss_at and self.total >= self.rss_at[0]:
             self.rss[self.rss_at.pop(0)] = rss_mb(self.pid)
@@ -245,9 +271,13 @@ def main() -> None:
         result["rss_mb_idle"] = round(rss_mb(server.pid), 1)
 
         asyncio.run(load.run(1, 5, 20))  # warm-up: allocations, first batches
+        cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
         seq = asyncio.run(load.run(1, args.sequential_seconds, 10**9))
+        seq["other_processes_cores"] = foreign_cores(cpu0, cpu_seconds(server.pid), time.monotonic() - t0)
+        result["rss_mb_after_sequential"] = round(rss_mb(server.pid), 1)
         print(f"sequential: {seq['req_per_s']} req/s, p50 {seq['p50_ms']} ms, p99 {seq['p99_ms']} ms, "
-              f"{seq['failed']} failed of {seq['requests']}")
+              f"{seq['failed']} failed of {seq['requests']}; other processes used "
+              f"{seq['other_processes_cores']} cores meanwhile")
         before = httpx.get(f"{url}/health").json()
 
         async def concurrent_phase():
@@ -258,14 +288,17 @@ def main() -> None:
                                    args.seconds * 0.6 / 7)  # fmt: skip
             return await asyncio.gather(load_task, hostile)
 
+        load.counting = True  # the RSS milestones count the concurrent load's requests
+        cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
         conc, hostile = asyncio.run(concurrent_phase())
+        conc["other_processes_cores"] = foreign_cores(cpu0, cpu_seconds(server.pid), time.monotonic() - t0)
         after = httpx.get(f"{url}/health").json()
         batches = after["batches"] - before["batches"]
         conc["mean_batch"] = round((after["images"] - before["images"]) / batches, 2) if batches else None
         conc["largest_batch"] = after["largest_batch"]
         print(f"{args.clients} clients: {conc['req_per_s']} req/s, p50 {conc['p50_ms']} ms, p99 "
               f"{conc['p99_ms']} ms, {conc['failed']} failed of {conc['requests']}, mean batch "
-              f"{conc['mean_batch']}")
+              f"{conc['mean_batch']}; other processes used {conc['other_processes_cores']} cores meanwhile")
         ratio = conc["req_per_s"] / seq["req_per_s"] if seq["req_per_s"] else float("nan")
         print(f"throughput ratio concurrent/sequential: {ratio:.2f}x")
         for h in hostile:
@@ -276,7 +309,8 @@ def main() -> None:
         if load.total < target:  # more load until the last RSS milestone, bounded
             extra = asyncio.run(load.run(args.clients, 600, target - load.total))
         rss = {str(k): round(v, 1) for k, v in sorted(load.rss.items())}
-        print(f"server RSS (MB): idle {result['rss_mb_idle']}, after N requests {rss}")
+        print(f"server RSS (MB): idle {result['rss_mb_idle']}, after the sequential phase "
+              f"{result['rss_mb_after_sequential']}, after N concurrent requests {rss}")
         result.update(sequential=seq, concurrent=conc, ratio=round(ratio, 2), hostile=hostile,
                       extra_load=extra, rss_mb=rss, loadavg_after=os.getloadavg(),
                       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))  # fmt: skip
