@@ -169,14 +169,15 @@ class Server:
         self, uploads: list[tuple[str, bytes]], top: int, min_confidence: float | None,
         deadline: float,
     ) -> dict:  # fmt: skip
-        images = await self.decode(uploads)
-        with self.refusals():
-            futures = self.batcher.submit_many(images)
+        futures: list[asyncio.Future] = []
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(deadline):  # decoding and the model's answer
+                images = await self.decode(uploads)
+                with self.refusals():
+                    futures = self.batcher.submit_many(images)
                 rows = await asyncio.gather(*futures)
         except TimeoutError:
-            for future in futures:
+            for future in futures:  # dropped from the queue: nobody waits for them any more
                 future.cancel()
             raise ApiError(504, f"no answer from the model within {self.limits.timeout:g} s: the "
                            f"server is overloaded; retry later, or start it with a larger "
