@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from cifar_transfer.artifacts import rundir
 from cifar_transfer.artifacts.bundle import load_model
 from cifar_transfer.artifacts.rundir import run_split
+from cifar_transfer.models.temperature import fit_temperature
 from cifar_transfer.recipes import apply_overrides, load_recipe
-from cifar_transfer.results.calibration import fit_temperature
 from cifar_transfer.results.runs import evaluate_run, predict_split
 from cifar_transfer.system import hardware
 from cifar_transfer.system.errors import UserError

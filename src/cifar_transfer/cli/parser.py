@@ -14,6 +14,7 @@ from cifar_transfer.cli.commands import (
     cmd_report,
     cmd_train,
 )
+from cifar_transfer.serving.cli import add_serve_parser, cmd_serve  # light: no FastAPI/torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,4 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench)
+
+    add_serve_parser(sub).set_defaults(func=cmd_serve)
     return parser
