@@ -9,6 +9,7 @@ device (resume is bit-exact). Guide: docs/guides/augmentation.md.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -135,6 +136,12 @@ def random_resized_crop(
 def jpeg(images: torch.Tensor, generator: torch.Generator, quality: tuple[float, float] = (50, 95)) -> torch.Tensor:
     """Each image re-compressed as a JPEG at a quality drawn uniformly from LO..HI (on the CPU:
     torchvision.io's libjpeg; a GPU batch goes there and back)."""
+    with warnings.catch_warnings():  # 0.29 deprecates torchvision.io for torchcodec (not a dependency)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _jpeg(images, generator, quality)
+
+
+def _jpeg(images: torch.Tensor, generator: torch.Generator, quality: tuple[float, float]) -> torch.Tensor:
     from torchvision.io import decode_jpeg, encode_jpeg
 
     b = len(images)
