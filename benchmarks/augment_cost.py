@@ -1,7 +1,7 @@
 """What each augmentation op costs on this machine: batches of 64 uint8 images at 32 and 224 px,
 the op alone (data/augment.py, data/mixing.py), ms per batch and images per second.
 
-    PYTHONPATH=src python benchmarks/augment_cost.py [--device cpu|cuda] [--batch 64] [--sizes 32,224]
+    PYTHONPATH=src python benchmarks/augment_cost.py [--device cpu|cuda] [--threads N] [--batch 64]
 
 Prints the machine (lscpu model name, whether avx512_bf16 is in its flags, torch threads), the
 date, and a Markdown table (the one in BENCHMARKS.md and docs/guides/augmentation.md).
@@ -82,8 +82,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--sizes", default="32,224")
     parser.add_argument("--seconds", type=float, default=2.0, help="time per cell (at least 5 runs)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = machine()
     print(f"# {info['cpu']} | avx512_bf16: {info['avx512_bf16']} | torch threads: {info['threads']}"
           f" | gpu: {info['gpu']} | torch {info['torch']} | {info['date']}")  # fmt: skip

@@ -58,7 +58,7 @@ def mix(
         out[:, :, box[0] : box[1], box[2] : box[3]] = partner_x[:, :, box[0] : box[1], box[2] : box[3]]
         lam = 1 - (box[1] - box[0]) * (box[3] - box[2]) / (h * w)  # the exact area share kept
     else:
-        out = x * lam + partner_x * (1 - lam)
+        out = torch.lerp(partner_x, x, lam)  # lam * x + (1 - lam) * partner, in one pass
     if lam < 0.5:  # the dominant label first: train accuracy is measured against it
         return Mixed(out, partner_y, y, 1 - lam, box)
     return Mixed(out, y, partner_y, lam, box)
