@@ -13,6 +13,7 @@ from test_resume import cnn_cfg, interrupted, one_line, same_weights
 from cifar_transfer.artifacts import rundir
 from cifar_transfer.cli import main
 from cifar_transfer.config import PhaseConfig, augment_ops
+from cifar_transfer.data import autoaugment
 from cifar_transfer.data.augment import augment
 from cifar_transfer.data.mixing import mix
 from cifar_transfer.models.transfer import create_model
@@ -75,6 +76,27 @@ def test_trivial_augment_picks_an_op_per_image_not_per_batch():
     out = run(x, "trivial", 0)
     distinct = {bytes(img.numpy()) for img in out}
     assert len(distinct) > 10
+
+
+def test_trivial_augment_is_torchvisions_op_on_each_image():
+    """Each image is exactly torchvision v2's op at the op, bin and sign drawn for it."""
+    x = images(12)
+    out = run(x, "trivial", 5)
+    g = torch.Generator().manual_seed(5)  # replay the draws: op, bin, sign per image
+    policy = autoaugment._policy("trivial")
+    space = list(policy._AUGMENTATION_SPACE.items())
+    ops = torch.randint(len(space), (12,), generator=g)
+    bins = torch.randint(autoaugment.BINS, (12,), generator=g)
+    negative = torch.rand(12, generator=g) <= 0.5
+    for i in range(12):
+        name, (magnitudes_fn, signed) = space[ops[i]]
+        magnitudes = magnitudes_fn(autoaugment.BINS, 32, 32)
+        value = 0.0 if magnitudes is None else float(magnitudes[bins[i]])
+        value = -value if signed and negative[i] else value
+        one = policy._apply_image_or_video_transform(
+            x[i : i + 1], name, value, interpolation=policy.interpolation, fill=policy._fill
+        )
+        assert torch.equal(out[i : i + 1], one), (i, name, value)
 
 
 def test_jpeg_quality_range_sets_the_damage():
