@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from cifar_transfer.data.augment import augment
 from cifar_transfer.data.cifar10 import load_split, resolve_data_dir
-from cifar_transfer.data.transforms import augment, to_model_input
+from cifar_transfer.data.transforms import to_model_input
 from cifar_transfer.models.transfer import apply_freeze, create_model
 from cifar_transfer.system import allocator, hardware
 from cifar_transfer.training.features import extract_features

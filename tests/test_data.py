@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cifar_transfer.data import cifar10 as data_mod
+from cifar_transfer.data.augment import augment
 from cifar_transfer.data.cifar10 import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -26,7 +27,7 @@ from cifar_transfer.data.cifar10 import (
     resolve_data_dir,
 )
 from cifar_transfer.data.splits import stratified_split, stratified_subset
-from cifar_transfer.data.transforms import augment, batch_indices, to_model_input
+from cifar_transfer.data.transforms import batch_indices, to_model_input
 from cifar_transfer.system.errors import UserError
 
 PER_BATCH = 50

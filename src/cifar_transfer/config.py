@@ -11,7 +11,11 @@ from cifar_transfer.system.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "lbfgs")
 SCHEDULES = ("constant", "cosine", "onecycle")
-AUGMENTS = ("none", "flip", "crop-flip")
+AUGMENTS = ("none", "flip", "crop-flip")  # the old one-word forms of phases.N.augment (still valid)
+# phases.N.augment's ops (data/augment.py runs them in order): name -> default "LO-HI", or None
+# for an op without a range. Guide: docs/guides/augmentation.md.
+AUGMENT_OPS = {"flip": None, "crop": None, "rrc": "0.08-1", "trivial": None, "randaugment": "2-9",
+               "jpeg": "50-95"}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 BATCHNORM_MODES = ("train", "eval")
 HEADS = ("linear", "mlp", "imagenet-top")
@@ -67,7 +71,9 @@ class PhaseConfig:
     # `epochs`.
     schedule_epochs: float = 0.0
     label_smoothing: float = 0.0
-    augment: str = "crop-flip"
+    # The augmentation ops in the order they run: a TOML list (["rrc", "flip"]), "rrc,flip" on the
+    # command line, or an old word: "none" = [], "flip", "crop-flip" = ["crop", "flip"].
+    augment: list[str] = field(default_factory=lambda: ["crop", "flip"])
     batch_size: int = 128
     resolution: int = 0  # 0 = model.resolution; set per phase for progressive resizing
     early_stop_patience: int = 0  # 0 = off; else epochs without val_acc gain before the phase stops
@@ -84,11 +90,16 @@ class PhaseConfig:
     # default); "eval": every backbone BatchNorm keeps its ImageNet statistics (Keras' advice for
     # fine-tuning; needed at 32 px, where the deep layers see 1x1 maps).
     batchnorm: str = "train"
+    # ---- issue 23: mixing and layer-wise LR decay (data/mixing.py, training/optim.py)
+    mixup: float = 0.0  # Beta(alpha, alpha) mixup of image pairs; 0 = off
+    cutmix: float = 0.0  # Beta(alpha, alpha) CutMix; 0 = off; with mixup too, one of them per batch
+    layer_decay: float = 1.0  # each backbone stage's lr = lr * layer_decay^(depth from the top); 1 = off
 
     def uses_cache(self, feature_cache: bool) -> bool:
         """A frozen backbone seeing unaugmented images computes the same features every epoch,
         so with run.feature_cache on the head trains on features extracted once."""
-        return feature_cache and self.freeze == "all" and self.augment == "none"
+        return (feature_cache and self.freeze == "all" and not augment_ops(self.augment)
+                and not self.mixup and not self.cutmix)
 
 
 @dataclass
@@ -154,6 +165,8 @@ def coerce(value: Any, typ: type, key: str) -> Any:
 
 def _convert(value: Any, typ: type, key: str) -> Any:
     """The type conversion behind coerce."""
+    if typ is Augments:
+        return augment_ops(value, key)
     if typ is Number:  # a whole number stays an int (a count), anything else is a float
         text = value.strip() if isinstance(value, str) else value
         number = _convert(text, float, key)
@@ -199,9 +212,53 @@ class Number(float):
     """Marks a field that takes a count (int) or a fraction (float), e.g. data.val_size."""
 
 
+class Augments(list):  # marks phases.N.augment: a list of augmentation ops (augment_ops parses it)
+    pass
+
+
 FIELD_TYPES = {
     "int": int, "float": float, "str": str, "bool": bool, "list[float]": list, "int | float": Number,
+    "list[str]": Augments,
 }
+
+
+# "op:A-B" -> (its form, the test A and B pass, whole numbers only)
+_AUGMENT_LIMITS = {"rrc": ("rrc:LO-HI with 0 < LO <= HI <= 1", lambda a, b: 0 < a <= b <= 1, False),
+                   "randaugment": ("randaugment:N-M with 1 <= N <= 10 ops, magnitude 0 <= M <= 30",
+                                   lambda a, b: 1 <= a <= 10 and 0 <= b <= 30, True),
+                   "jpeg": ("jpeg:LO-HI with 1 <= LO <= HI <= 100", lambda a, b: 1 <= a <= b <= 100, True)}
+
+
+def augment_ops(value: Any, key: str = "augment") -> list[str]:
+    """phases.N.augment as its ops in order ("none" = [], "crop-flip" = crop, flip), or one UserError."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise UserError(f"bad value for {key}: {value!r} is not a list such as [\"rrc\", \"flip\"]")
+    ops: list[str] = []
+    for item in (v.strip().lower() for v in items):
+        if item not in ("none", "", "crop-flip"):
+            augment_op(item, key)
+        ops += ["crop", "flip"] if item == "crop-flip" else [item] if item not in ("none", "") else []
+    return ops
+
+
+def augment_op(item: str, key: str = "augment") -> tuple[str, tuple[float, float] | None]:
+    """One op's name and its (LO, HI) range (the default where it takes one), or one UserError."""
+    name, sep, arg = item.partition(":")
+    if name not in AUGMENT_OPS or (sep and AUGMENT_OPS[name] is None):
+        ops = ", ".join(n if r is None else f"{n}[:{r}]" for n, r in AUGMENT_OPS.items())
+        raise UserError(f"bad value for {key}: {item!r} is not an augmentation: choose from none, {ops}")
+    default = AUGMENT_OPS[name]
+    if default is None:
+        return name, None
+    form, ok, whole = _AUGMENT_LIMITS[name]
+    number = r"\d+" if whole else r"\d*\.?\d+"
+    match = re.fullmatch(rf"({number})-({number})", arg if sep else default)
+    lo, hi = (float(g) for g in match.groups()) if match else (math.nan, math.nan)
+    if not ok(lo, hi):
+        whole_note = " (whole numbers)" if whole else ""
+        raise UserError(f"bad value for {key}: {item!r}: write {form}{whole_note}, e.g. {name}:{default}")
+    return name, (lo, hi)
 
 
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -296,10 +353,10 @@ def validate(cfg: Config) -> None:
             p.schedule in SCHEDULES,
             f"bad value for {k}.schedule: {p.schedule!r} (choose one of {', '.join(SCHEDULES)})",
         )
-        _check(
-            p.augment in AUGMENTS,
-            f"bad value for {k}.augment: {p.augment!r} (choose one of {', '.join(AUGMENTS)})",
-        )
+        p.augment = augment_ops(p.augment, f"{k}.augment")  # a PhaseConfig built in code, too
+        _check(p.mixup >= 0, f"bad value for {k}.mixup: {p.mixup} (0 = off, else a Beta alpha > 0)")
+        _check(p.cutmix >= 0, f"bad value for {k}.cutmix: {p.cutmix} (0 = off, else a Beta alpha > 0)")
+        _check(0 < p.layer_decay <= 1, f"bad value for {k}.layer_decay: {p.layer_decay} (in (0, 1]; 1 = off)")
         _check(p.batch_size > 0, f"bad value for {k}.batch_size: {p.batch_size} (must be > 0)")
         _check(p.weight_decay >= 0, f"bad value for {k}.weight_decay: {p.weight_decay} (>= 0)")
         _check(0 <= p.momentum < 1, f"bad value for {k}.momentum: {p.momentum} (in [0, 1))")

@@ -1,6 +1,5 @@
-"""Batches on the device: epoch index batches, batched augmentation (flip, crop-flip) and the
-resize + normalize step every model input goes through (training, validation, extraction,
-evaluate, bench).
+"""Batches on the device: epoch index batches and the resize + normalize step every model input
+goes through (training, validation, extraction, evaluate, bench). Augmentation: data/augment.py.
 
 Whole batches, on whatever device the images are on: no per-image PIL pipeline, no workers.
 """
@@ -11,10 +10,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-
-from cifar_transfer.config import AUGMENTS
-
-_CROP_PAD = 4  # the standard CIFAR recipe: 4 px reflect padding, i.e. 9x9 = 81 possible shifts
 
 
 def batch_indices(
@@ -32,46 +27,6 @@ def batch_indices(
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
-
-
-def _reflect_positions(size: int, pad: int, device: torch.device | None = None) -> torch.Tensor:
-    """Source index of each position of a reflect-padded axis (size 5, pad 2: 2 1 0 1 2 3 4 3 2)."""
-    positions = torch.arange(-pad, size + pad, device=device).abs()
-    return torch.where(positions >= size, 2 * (size - 1) - positions, positions)
-
-
-def augment(images: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Batched augmentation of (B,3,H,W) images on their own device: none, flip, crop-flip."""
-    if mode not in AUGMENTS:
-        raise ValueError(f"unknown augmentation {mode!r}: use one of {', '.join(AUGMENTS)}")
-    if images.ndim != 4:
-        raise ValueError(f"augment expects (B,C,H,W) images, got shape {tuple(images.shape)}")
-    if mode == "none":
-        return images
-    if generator.device.type != "cpu":  # CPU state is what checkpoints save and restore
-        raise ValueError("augment needs a CPU torch.Generator (its state goes into checkpoints)")
-    b, c, h, w = images.shape
-    device = images.device
-    # Random parameters are drawn on the CPU in a fixed order (flip, then dy, dx), so a restored
-    # generator state replays the same augmentation on any device.
-    flip = (torch.rand(b, generator=generator) < 0.5).to(device, non_blocking=True)
-    if mode == "flip":
-        return torch.where(flip.view(b, 1, 1, 1), images.flip(-1), images)
-    shifts = 2 * _CROP_PAD + 1
-    dy = torch.randint(0, shifts, (b,), generator=generator).to(device, non_blocking=True)
-    dx = torch.randint(0, shifts, (b,), generator=generator).to(device, non_blocking=True)
-    # Instead of padding then cropping, map every output pixel straight to its source pixel:
-    # row i of the crop is padded row dy+i, i.e. source row reflect(dy+i - pad); a flip reads the
-    # crop's columns right to left. Two gathers, no per-image loop, any dtype, no padded copy.
-    # Built on the device: a blocking host->GPU copy here would stall the GPU every step.
-    rows_src = _reflect_positions(h, _CROP_PAD, device)
-    cols_src = _reflect_positions(w, _CROP_PAD, device)
-    out_rows = torch.arange(h, device=device)
-    out_cols = torch.arange(w, device=device)
-    rows = rows_src[dy[:, None] + out_rows]  # (B,H)
-    cols = cols_src[dx[:, None] + torch.where(flip[:, None], w - 1 - out_cols, out_cols)]  # (B,W)
-    out = torch.gather(images, 2, rows.view(b, 1, h, 1).expand(b, c, h, w))
-    return torch.gather(out, 3, cols.view(b, 1, 1, w).expand(b, c, h, w))
 
 
 def to_model_input(

@@ -152,6 +152,18 @@ def _stages(model: TransferModel) -> Stages:
     return family_of(model.spec).stages(model.spec, model.backbone)
 
 
+def stage_depths(model: TransferModel) -> dict[int, int]:
+    """id(parameter) -> its depth from the top: 0 for the head, 1 for the backbone's last stage,
+    ... len(stages) for the first (the stem); backbone parameters outside every stage count with
+    the first stage. What layer-wise LR decay scales by (training/optim.py)."""
+    stages = _stages(model)
+    depths = {id(p): len(stages) for p in model.backbone.parameters()}
+    for i, (_, modules) in enumerate(stages):
+        depths.update({id(p): len(stages) - i for m in modules for p in m.parameters()})
+    depths.update({id(p): 0 for p in model.head.parameters()})
+    return depths
+
+
 def _frozen_modules(model: TransferModel, freeze: str) -> list[nn.Module]:
     """Backbone modules a freeze string freezes."""
     if freeze == "none":

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from cifar_transfer.data.transforms import augment, batch_indices, to_model_input
+from cifar_transfer.data.augment import augment
+from cifar_transfer.data.transforms import batch_indices, to_model_input
 from cifar_transfer.models.transfer import apply_freeze, create_model
 from cifar_transfer.system import hardware
 

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from cifar_transfer.data.transforms import augment, batch_indices, to_model_input
+from cifar_transfer.data.augment import augment
+from cifar_transfer.data.mixing import Mixed, mix
+from cifar_transfer.data.transforms import batch_indices, to_model_input
 from cifar_transfer.models.inference import logits_of
 from cifar_transfer.system import hardware
 from cifar_transfer.training import distributed
@@ -52,10 +54,12 @@ class PhaseInputs:
     resolution: int
     mean: Sequence[float]
     std: Sequence[float]
-    augment: str = "none"
+    augment: str | list[str] = "none"  # phases.N.augment (data/augment.py)
     channels_last: bool = True
     extract_seconds: float = 0.0  # time spent getting cached features (0 for raw images)
     class_weights: torch.Tensor | None = None  # data.class_weights = "auto": loss weight per class
+    mixup: float = 0.0  # phases.N.mixup / cutmix: Beta alphas, 0 = off (data/mixing.py)
+    cutmix: float = 0.0
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """A batch as the network takes it."""
@@ -65,12 +69,18 @@ class PhaseInputs:
 
     def train_batch(
         self, idx: torch.Tensor, part: slice, gen: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's slice of the global batch `idx` (indices on the device), augmented."""
+    ) -> tuple[torch.Tensor, torch.Tensor, Mixed | None]:
+        """This rank's slice of the global batch `idx` (indices on the device), augmented; with
+        mixup/cutmix the labels are each image's dominant one and the Mixed its soft targets."""
         if self.cached:
-            return self.train_x[idx[part]], self.train_y[idx[part]]
+            return self.train_x[idx[part]], self.train_y[idx[part]], None
         x = augment(self.train_x[idx], self.augment, gen)[part]  # same draw on every rank
-        return self.model_input(x), self.train_y[idx[part]]
+        x, y = self.model_input(x), self.train_y[idx[part]]
+        if not (self.mixup or self.cutmix):
+            return x, y, None
+        # The same lambda on every rank (one draw per global batch); pairs within the slice.
+        mixed = mix(x, y, gen, self.mixup, self.cutmix)
+        return mixed.x, mixed.y, mixed
 
 
 @dataclass
@@ -114,11 +124,13 @@ def train_one_epoch(
     for step, idx in enumerate(bar):
         if len(idx) < world:  # a tail batch too small to give every rank an image
             continue
-        x, y = inputs.train_batch(idx.to(device, non_blocking=True), distributed.shard(len(idx)), gen)
+        x, y, mixed = inputs.train_batch(idx.to(device, non_blocking=True), distributed.shard(len(idx)), gen)
         with hardware.autocast(device, precision):
             logits = forward(x)
+        # Mixed batches: soft-target cross-entropy (label smoothing applies to the soft targets).
+        target = y if mixed is None else mixed.targets(logits.shape[1])
         loss = F.cross_entropy(
-            logits.float(), y, weight=inputs.class_weights, label_smoothing=label_smoothing
+            logits.float(), target, weight=inputs.class_weights, label_smoothing=label_smoothing
         )
         finite = torch.isfinite(loss.detach())
         first_bad = torch.where(nonfinite | finite, first_bad, loss.detach())

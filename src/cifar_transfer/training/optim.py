@@ -7,6 +7,7 @@ import math
 import torch
 
 from cifar_transfer.config import PhaseConfig
+from cifar_transfer.models.transfer import TransferModel, stage_depths
 from cifar_transfer.system.errors import UserError
 
 
@@ -19,11 +20,31 @@ def make_optimizer(model: torch.nn.Module, phase: PhaseConfig) -> torch.optim.Op
         {"params": [p for p in params if p.ndim > 1], "weight_decay": phase.weight_decay},
         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
     ]
+    if phase.layer_decay < 1 and isinstance(model, TransferModel):
+        groups = layer_decay_groups(model, params, phase)
     if phase.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=phase.lr, momentum=phase.momentum, nesterov=phase.momentum > 0)
     if phase.optimizer == "adam":
         return torch.optim.Adam(groups, lr=phase.lr)
     return torch.optim.AdamW(groups, lr=phase.lr)
+
+
+def layer_decay_groups(
+    model: TransferModel, params: list[torch.nn.Parameter], phase: PhaseConfig
+) -> list[dict]:
+    """Layer-wise LR decay (timm's param_groups_layer_decay, fastai's discriminative LRs): one
+    group per stage depth and weight-decay kind, lr = phase.lr * layer_decay^depth (the head at
+    depth 0 first, so the logged lr is the head's). Schedulers scale every group alike."""
+    depths = stage_depths(model)
+    groups: dict[tuple[int, bool], dict] = {}
+    for p in params:
+        depth, decayed = depths.get(id(p), 0), p.ndim > 1
+        group = groups.setdefault((depth, decayed), {
+            "params": [], "weight_decay": phase.weight_decay if decayed else 0.0,
+            "lr": phase.lr * phase.layer_decay**depth,
+        })  # fmt: skip
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
 def make_scheduler(
@@ -37,9 +58,11 @@ def make_scheduler(
     total = min(ceiling, max(1, round((planned or phase.epochs) * steps_per_epoch)))
     warmup = min(total - 1, round(phase.warmup_epochs * steps_per_epoch))
     if phase.schedule == "onecycle":
+        max_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]  # layer decay
+        max_lr = max_lrs if len(set(max_lrs)) > 1 else phase.lr
         pct = warmup / total if warmup > 0 else 0.25
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=phase.lr, total_steps=total, pct_start=max(pct, 1e-3),
+            optimizer, max_lr=max_lr, total_steps=total, pct_start=max(pct, 1e-3),
             cycle_momentum=phase.optimizer == "sgd", div_factor=25.0, final_div_factor=1e3,
         )
     return torch.optim.lr_scheduler.LambdaLR(

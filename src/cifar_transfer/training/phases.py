@@ -190,6 +190,7 @@ def phase_inputs(run: RunCore, plan: PhasePlan) -> PhaseInputs:
     return PhaseInputs(
         *tensors, d.val_y, plan.cached, plan.resolution, spec.mean, spec.std,
         plan.phase.augment, run.cfg.run.channels_last, seconds, weights,
+        mixup=plan.phase.mixup, cutmix=plan.phase.cutmix,
     )
 
 
