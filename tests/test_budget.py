@@ -321,3 +321,44 @@ def test_recipe_time_is_the_sum_of_its_phases():
     extract, fit = 50_000 / 500, budget.PROBE_FIT_S * 45_000
     tune = 4 * (45_000 / 100 + 5_000 / 500)
     assert seconds == pytest.approx(extract + fit + tune)
+
+
+def test_a_budget_on_a_folder_fine_tunes_with_the_folder_recipes_photo_settings(
+    isolated_cache, tmp_path, capsys, monkeypatch
+):
+    """No recipe named, class folders: the plan's fine-tuning phase is small-folder's own
+    (random-resized crops, flips, TrivialAugment, layer decay), not CIFAR's pad-and-crop, and the
+    plan says so. Throughputs seeded: nothing is measured or trained (--plan-only)."""
+    from PIL import Image
+
+    for k, name in enumerate(("ant", "bee")):
+        for i in range(12):
+            (tmp_path / "photos" / name).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 30), (200 * k, 90, 20 * i)).save(tmp_path / "photos" / name / f"{i}.png")
+    planned = {}
+    real = budget.apply_plan
+
+    def spy(cfg, plan, template):
+        planned["cfg"] = real(cfg, plan, template)
+        return planned["cfg"]
+
+    monkeypatch.setattr(budget, "apply_plan", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what the run asks for (run.threads=1): part of the machine key
+    try:
+        tput = measure.Throughputs(torch.device("cpu"))
+        for p in ("fp32", "bf16"):
+            tput.cells[Cell("efficientnet_lite2", 260, p, "infer", 32).text()] = 5_000.0
+            for freeze in ("none", "from-layer:100"):
+                tput.cells[Cell("efficientnet_lite2", 260, p, "train", 32, freeze).text()] = 2_000.0
+        tput._save()
+        rc = main(["train", "--budget", "10m", "--plan-only", "--data-dir", str(tmp_path / "photos"),
+                   "--set", "run.threads=1"])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert rc == 0
+    tune = planned["cfg"].phases[1]
+    assert tune.augment == ["rrc:0.35-1", "flip", "trivial"] and tune.layer_decay == 0.7
+    assert "fine-tuning for photos" in printed and "rrc:0.35-1,flip,trivial" in printed, printed
+    assert load_recipe("fast-cpu").phases[1].augment == ["crop", "flip"]  # CIFAR keeps pad-and-crop

@@ -60,12 +60,21 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
     device = hardware.pick_device(cfg.run.device)
     plan, speeds = measure.plan_this_machine(cfg, budget_s, device, fixed, time.monotonic() - t_start)
     fast = load_recipe("fast-cpu").phases
-    cfg = budget.apply_plan(cfg, plan, [cfg.phases[0] if folder else fast[0], fast[1]])
+    # A folder's recipe brings its own fine-tuning settings, made for photos (small-folder's
+    # skipped "finetune" phase); CIFAR runs take fast-cpu's.
+    tune = cfg.phases[1] if folder and len(cfg.phases) > 1 else fast[1]
+    cfg = budget.apply_plan(cfg, plan, [cfg.phases[0] if folder else fast[0], tune])
     cfg.recipe = f"{args.recipe}-budget" if args.recipe else "budget"
     cfg = apply_overrides(cfg, phase_sets)
     now = dt.datetime.now()
     finish = now + dt.timedelta(seconds=plan.predicted_seconds - (time.monotonic() - t_start))
-    for line in plan.lines() + (plan.alternative_lines() if args.plan_only else []):
+    lines = plan.lines()
+    if folder and plan.kind != "probe":
+        lines.insert(2, f"  fine-tuning for photos ({cfg.recipe}'s {tune.name!r} phase): augment "
+                        f"{','.join(tune.augment)}, layer_decay {tune.layer_decay:g}, label "
+                        f"smoothing {tune.label_smoothing:g}; the probe's bundle stays unless it "
+                        f"validates better")
+    for line in lines + (plan.alternative_lines() if args.plan_only else []):
         print(line, flush=True)
     if args.plan_only:
         print(f"on {measure.describe_machine(device)}; --plan-only: nothing trained", flush=True)
