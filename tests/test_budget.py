@@ -204,14 +204,19 @@ def seeded_speeds(isolated_cache):
     the plan asks for far too many epochs and the run must re-plan and stop at the deadline."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what the run asks for (run.threads=1): part of the machine key
-    tput = measure.Throughputs(torch.device("cpu"))
-    for p in ("fp32", "bf16"):
-        tput.cells[Cell("cnn", 32, p, "infer", 100).text()] = 50_000.0
-        for freeze in ("none", "from-layer:100"):
-            tput.cells[Cell("cnn", 32, p, "train", 64, freeze).text()] = 20_000.0
-    tput._save()
+    seed_speeds("cnn", 32, (100, 50_000.0), (64, 20_000.0))
     yield
     torch.set_num_threads(threads)
+
+
+def seed_speeds(backbone: str, resolution: int, infer: tuple[int, float], train: tuple[int, float]):
+    """Made-up cache entries (batch, img/s) for this machine at its current thread count."""
+    tput = measure.Throughputs(torch.device("cpu"))
+    for p in ("fp32", "bf16"):
+        tput.cells[Cell(backbone, resolution, p, "infer", infer[0]).text()] = infer[1]
+        for freeze in ("none", "from-layer:100"):
+            tput.cells[Cell(backbone, resolution, p, "train", train[0], freeze).text()] = train[1]
+    tput._save()
 
 
 def test_a_budgeted_run_plans_writes_its_plan_and_ends_near_its_deadline(
@@ -346,12 +351,7 @@ def test_a_budget_on_a_folder_fine_tunes_with_the_folder_recipes_photo_settings(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what the run asks for (run.threads=1): part of the machine key
     try:
-        tput = measure.Throughputs(torch.device("cpu"))
-        for p in ("fp32", "bf16"):
-            tput.cells[Cell("efficientnet_lite2", 260, p, "infer", 32).text()] = 5_000.0
-            for freeze in ("none", "from-layer:100"):
-                tput.cells[Cell("efficientnet_lite2", 260, p, "train", 32, freeze).text()] = 2_000.0
-        tput._save()
+        seed_speeds("efficientnet_lite2", 260, (32, 5_000.0), (32, 2_000.0))
         rc = main(["train", "--budget", "10m", "--plan-only", "--data-dir", str(tmp_path / "photos"),
                    "--set", "run.threads=1"])
     finally:
