@@ -19,6 +19,7 @@ from cifar_transfer.bundle import read_meta, temperature_of
 from cifar_transfer.calibration import check_min_confidence
 from cifar_transfer.errors import UserError
 from cifar_transfer.folder import BadImage, decode_image
+from cifar_transfer.hardware import set_threads
 from cifar_transfer.predict import (
     IMAGE_FIX,
     MAX_IMAGE_PIXELS,
@@ -30,7 +31,7 @@ from cifar_transfer.predict import (
 
 __all__ = [
     "MAX_IMAGE_PIXELS", "BadUpload", "ServedModel", "UserError", "check_min_confidence",
-    "decode_upload", "load_served_model",
+    "decode_upload", "load_served_model", "set_threads",
 ]  # fmt: skip
 
 
