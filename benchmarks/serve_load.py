@@ -2,7 +2,7 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/serve_load.py RUN_DIR \
         [--data-dir ../shared/cifar10] [--clients 64] [--seconds 60] [--sequential-seconds 20] \
-        [--rss-requests 1000,10000] [--json out.json] [-- SERVE OPTIONS...]
+        [--rss-requests 1000,10000] [--json out.json] [--serve-options '--threads 1']
 
 Starts the real server (`python -m cifar_transfer serve RUN_DIR --port FREE`) on 127.0.0.1 only,
 then, with CIFAR-10 training images encoded as PNG (the 32x32 images as a client would send
@@ -35,6 +35,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import signal
 import socket
 import statistics
@@ -144,9 +145,10 @@ class Load:
         failures: list[str] = []
         deadline = time.monotonic() + seconds
         sent = 0
-        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(base_url=self.url, timeout=60, limits=limits) as client:
-            async def worker(w: int) -> None:
+        async def worker(w: int) -> None:
+            # One client (and connection) per worker: 64 clients, as 64 users would be; one
+            # shared pool of 64 connections spends its time in the pool's bookkeeping instead.
+            async with httpx.AsyncClient(base_url=self.url, timeout=60) as client:
                 nonlocal sent
                 i = w
                 while time.monotonic() < deadline and sent < max_requests:
@@ -167,9 +169,9 @@ class Load:
                         latencies.append(time.perf_counter() - t0)
                     self._count()
 
-            t_start = time.perf_counter()
-            await asyncio.gather(*(worker(w) for w in range(clients)))
-            elapsed = time.perf_counter() - t_start
+        t_start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(clients)))
+        elapsed = time.perf_counter() - t_start
         return {
             "clients": clients, "requests": len(latencies) + len(failures), "failed": len(failures),
             "failures": failures[:10], "seconds": round(elapsed, 2),
@@ -228,7 +230,7 @@ def main() -> None:
                     help="server RSS after this many load requests (comma list)")
     ap.add_argument("--no-hostile", action="store_true")
     ap.add_argument("--json", help="write every figure to this file")
-    ap.add_argument("serve_args", nargs="*", help="after --: options for `serve`")
+    ap.add_argument("--serve-options", default="", help="options for `serve`, e.g. '--threads 1'")
     args = ap.parse_args()
 
     x, _ = load_split(resolve_data_dir(args.data_dir), "train")
@@ -247,7 +249,7 @@ def main() -> None:
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "cifar_transfer", "serve", args.run_dir, "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", *args.serve_args]  # fmt: skip
+           "--port", str(port), "--log-level", "warning", *shlex.split(args.serve_options)]  # fmt: skip
     server = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     result: dict = {"command": " ".join(sys.argv), "serve": " ".join(cmd[1:]), "machine": info}
     try:

@@ -385,7 +385,6 @@ def test_sigterm_under_load_answers_every_accepted_request(bundle, photos):
     assert in_flight, "no request was in flight at SIGTERM: the test proves nothing"
     assert all(outcome == 200 for _, _, outcome in results), [o for *_, o in results if o != 200]
     assert proc.returncode == 128 + signal.SIGTERM, err  # like every command under SIGTERM
-    assert "Waiting for connections to close" in err or "Shutting down" in err or err
 
 
 def test_serve_refuses_bad_options_in_one_line(bundle, tmp_path, capsys):

@@ -34,6 +34,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help=f"seconds one request may take, body to answer (default {d.timeout:g})")
     p.add_argument("--max-connections", type=int, default=512,
                    help="open connections beyond which uvicorn answers 503 (default 512)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="the model's CPU threads (default 0: one per core)")
     p.add_argument("--min-confidence", type=float, metavar="P",
                    help="answer class null unless the top probability is above P (0 to 1)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -70,9 +72,12 @@ def check_limits(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the model, then run uvicorn until SIGTERM/Ctrl-C (graceful: accepted requests finish)."""
-    from cifar_transfer.serving.model import UserError, load_served_model
+    from cifar_transfer.serving.model import UserError, load_served_model, set_threads
 
     limits = check_limits(args)
+    if args.threads < 0:
+        raise UserError(f"--threads {args.threads} must be 0 (one per core) or more")
+    set_threads(args.threads)
     try:
         import uvicorn
 

@@ -20,10 +20,11 @@ from cifar_transfer.data.images import MAX_IMAGE_PIXELS, TOO_BIG, BadImage, deco
 from cifar_transfer.results.calibration import check_min_confidence
 from cifar_transfer.results.predict import IMAGE_FIX, Predictor, load_predictor, read_image
 from cifar_transfer.system.errors import UserError
+from cifar_transfer.system.hardware import set_threads
 
 __all__ = [
     "MAX_IMAGE_PIXELS", "BadUpload", "ServedModel", "UserError", "check_min_confidence",
-    "decode_upload", "load_served_model",
+    "decode_upload", "load_served_model", "set_threads",
 ]  # fmt: skip
 
 
