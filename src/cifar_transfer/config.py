@@ -45,7 +45,7 @@ class DataConfig:
     # share of their 64 bits are near-duplicates; a carved validation split keeps each group of
     # them on one side, and a folder's own val/ or test/ gets its cross-split pairs listed.
     # 0 = off (a plain seeded split; no listing).
-    near_duplicates: float = 0.85
+    near_duplicates: float = 0.9
 
 
 @dataclass
@@ -266,7 +266,7 @@ def validate(cfg: Config) -> None:
     _check(d.decode_workers >= 0, f"bad value for data.decode_workers: {d.decode_workers} (0 = auto)")
     _check(0.0 <= d.near_duplicates <= 1.0,
            f"bad value for data.near_duplicates: {d.near_duplicates} (0 = off, else a share of "
-           f"matching hash bits in (0, 1], e.g. 0.85)")  # fmt: skip
+           f"matching hash bits in (0, 1], e.g. 0.9)")  # fmt: skip
     _check(d.train_limit >= 0, f"bad value for data.train_limit: {d.train_limit} (0 = all, or > 0)")
     _check(m.head in HEADS, f"bad value for model.head: {m.head!r} (choose one of {', '.join(HEADS)})")
     _check(m.resolution >= 0, f"bad value for model.resolution: {m.resolution} (0 = native, or > 0)")
