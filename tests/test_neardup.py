@@ -172,7 +172,7 @@ def probe_rows() -> list[dict]:
          "train_loss": 0.1 + l2, "train_acc": 0.99 - l2 / 10, "val_loss": 0.3 + abs(l2 - 0.1),
          "val_acc": va, "lr": 0.0, "seconds": 1.0, "resolution": 260}
         for e, (l2, va) in enumerate([(1.0, 0.90), (0.3, 0.93), (0.1, 0.95), (0.03, 0.94),
-                                      (0.01, 0.92)], start=1)  # fmt: skip
+                                      (0.01, 0.92)], start=1)
     ]
 
 

@@ -264,6 +264,7 @@ def load_train_val(
     src = open_source(cfg, data_dir, progress)
     x, y, digests = src.read("train")
     d = cfg.data
+    found = None  # near-duplicate groups kept together by a carved folder split
     if src.has_val:
         vx, vy, vdig = src.read("val")
         _check_class_sizes(src, y, carving=False)
@@ -271,8 +272,7 @@ def load_train_val(
         warn_near_duplicates(src, "val", x, vx)
         data_fp = fingerprint(torch.cat([x, vx]), torch.cat([y, vy])) if with_fingerprint else ""
         train_idx = torch.arange(len(y))
-    found = None
-    if not src.has_val:
+    else:
         data_fp = fingerprint(x, y) if with_fingerprint else ""
         k = val_count(d.val_size, len(y))
         if k >= len(y):
