@@ -117,6 +117,14 @@ def test_grouped_split_keeps_groups_whole_seeded_and_stratified():
     assert np.bincount(labels[val], minlength=3).tolist() == [15, 8, 2]
     assert np.array_equal(grouped_pick(labels, group, 25, seed=3), val)
     assert not np.array_equal(grouped_pick(labels, group, 25, seed=4), val)
+    # One file filed under two classes (a copy in each folder): whole, and no class over its share.
+    labels = np.repeat([0, 1], 10)
+    group = np.arange(20)
+    group[[10, 11, 12]] = [0, 1, 2]
+    for seed in range(10):
+        val = grouped_pick(labels, group, 6, seed)
+        assert np.bincount(labels[val], minlength=2).tolist() in ([3, 3], [3, 2], [2, 3])
+        assert all((a in val) == (b in val) for a, b in ((0, 10), (1, 11), (2, 12)))
 
 
 def test_carved_split_never_puts_a_near_duplicate_on_both_sides(tmp_path):

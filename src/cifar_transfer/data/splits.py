@@ -101,8 +101,8 @@ def grouped_pick(labels: np.ndarray, group: np.ndarray, k: int, seed: int) -> np
 
     A group (same id in `group`) is one unit that goes to one side; it counts for the class most
     of its images have. Per class, its units are visited in a seeded order and each is taken
-    while it fits the class's proportional quota (a group too big is passed over for the next),
-    and no class ever gives all its images. With every group a single image this is the
+    while it fits the proportional quotas of every class it holds images of (a group too big is
+    passed over for the next), so no class ever gives all its images. With every group a single image this is the
     ungrouped split exactly (the same seeded permutations, the same first quota images).
     """
     classes, counts, quota = proportional_quota(labels, k)
@@ -123,7 +123,7 @@ def grouped_pick(labels: np.ndarray, group: np.ndarray, k: int, seed: int) -> np
             if taken[c] >= quota[c]:
                 break
             share = np.bincount(lab[by_class[c][u]], minlength=len(classes))
-            if taken[c] + share[c] <= quota[c] and np.all(taken + share <= counts - 1):
+            if np.all(taken + share <= quota):  # no class over its share (quota < its size)
                 taken += share
                 picked += by_class[c][u]
     return np.sort(np.array(picked, dtype=np.int64))
