@@ -105,7 +105,7 @@ def grouped_pick(labels: np.ndarray, group: np.ndarray, k: int, seed: int) -> np
     passed over for the next), so no class ever gives all its images. With every group a single image this is the
     ungrouped split exactly (the same seeded permutations, the same first quota images).
     """
-    classes, counts, quota = proportional_quota(labels, k)
+    classes, _, quota = proportional_quota(labels, k)
     pos = {c: n for n, c in enumerate(classes.tolist())}
     lab = np.array([pos[c] for c in labels.tolist()], dtype=np.int64)
     units: dict[int, list[int]] = {}

@@ -116,7 +116,7 @@ def probe_figure(rows: list[dict]) -> Figure:
             acc, _, l2 = max(best)
             ax_acc.annotate(f"kept l2 {l2:g}: val {acc:.1%}", (l2, acc), xytext=(0, -10),
                             textcoords="offset points", ha="center", va="top", fontsize=8.5,
-                            color=VAL_COLOUR)  # fmt: skip
+                            color=VAL_COLOUR, bbox={"fc": "white", "ec": "none", "pad": 1.0})  # fmt: skip
             ax_acc.axvline(l2, color=VAL_COLOUR, ls=":", lw=0.9)
     values = sorted({r["l2"] for r in probes})
     for ax, title in ((ax_loss, "Loss"), (ax_acc, "Accuracy")):
