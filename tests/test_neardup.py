@@ -251,3 +251,16 @@ def test_probe_report_renders_in_headless_chromium(probe_run, tmp_path):
     total = re.search(r'data-images-total="(\d+)"', dom)
     assert loaded and total and int(loaded.group(1)) == int(total.group(1)) >= 5
     assert "Validation and held-out test" in dom
+
+
+def test_the_run_log_says_what_the_check_found():
+    from cifar_transfer.training.core import near_duplicates_line
+
+    found = {"similarity": 0.9, "groups": 2, "images": 5, "total_images": 40, "pairs": 3,
+             "examples": ["a/1.jpg ~ a/2.jpg"]}  # fmt: skip
+    assert near_duplicates_line(found) == (
+        "near-duplicates (perceptual hash, data.near_duplicates=0.9): 2 group(s) holding 5 of the "
+        "40 images, each kept on one side of the validation split (e.g. a/1.jpg ~ a/2.jpg)"
+    )
+    none = {**found, "groups": 0, "images": 0, "pairs": 0, "examples": []}
+    assert near_duplicates_line(none).endswith("): none among the 40 images")

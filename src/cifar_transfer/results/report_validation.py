@@ -62,6 +62,10 @@ def near_duplicate_text(meta: dict) -> str:
             "<code>data.near_duplicates = 0</code> (or before the check existed), so photos of "
             "one series may sit on both sides and the validation figure may be optimistic.</p>"
         )
+    if not found["groups"]:
+        return (f"<p><b>Near-duplicates:</b> the perceptual hash (<code>data.near_duplicates = "
+                f"{found['similarity']:g}</code>) found none among the {found['total_images']:g} "
+                f"images: the carved split is the plain seeded one.</p>")  # fmt: skip
     examples = [e for e in found.get("examples", []) if isinstance(e, str)][:3]
     shown = "".join(f"<li><code>{_esc(e)}</code></li>" for e in examples)
     return (

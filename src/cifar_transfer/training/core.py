@@ -43,10 +43,13 @@ class Data:
 def near_duplicates_line(found: dict) -> str:
     """The run log's line on the near-duplicate groups a carved validation split kept together."""
     examples = "; ".join(found.get("examples", []))
-    return (
-        f"near-duplicates (perceptual hash, data.near_duplicates={found['similarity']:g}): "
-        f"{found['groups']} group(s) holding {found['images']} of the {found['total_images']} images, each "
-        f"kept on one side of the validation split" + (f" (e.g. {examples})" if examples else "")
+    head = f"near-duplicates (perceptual hash, data.near_duplicates={found['similarity']:g}): "
+    if not found["groups"]:
+        return head + f"none among the {found['total_images']} images"
+    return head + (
+        f"{found['groups']} group(s) holding {found['images']} of the {found['total_images']} "
+        f"images, each kept on one side of the validation split"
+        + (f" (e.g. {examples})" if examples else "")
     )
 
 
