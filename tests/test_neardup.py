@@ -225,6 +225,7 @@ def test_probe_report_shows_the_sweep_the_groups_and_val_beside_test(probe_run):
     assert meta["near_duplicates"]["groups"] == 9 and meta["near_duplicates"]["images"] == 18
     html = (probe_run / "report.html").read_text()
     assert "Validation and held-out test" in html and 'alt="probe L2 sweep"' in html
+    assert "<b>3</b><span>L2 penalties swept (probe)" in html and "epochs run" not in html
     test = json.loads((probe_run / "eval-test.json").read_text())
     assert f"{test['accuracy']:.2%}</b><span>held-out test (eval-test.json)" in html
     assert f"{meta['val_acc']:.2%}</b><span>validation, training" in html

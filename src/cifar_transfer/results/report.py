@@ -203,7 +203,8 @@ def render_html(
         *([(f"{split} balanced accuracy", _pct(evaluation["balanced_accuracy"])),
            (f"{split} macro-F1", f"{evaluation['macro_f1']:.4f}")]
           if evaluation and "balanced_accuracy" in evaluation and "macro_f1" in evaluation else []),
-        ("epochs run", str(meta.get("epochs_run", len(rows)))),
+        (("L2 penalties swept (probe)", str(len(rows))) if probe_only(rows)
+         else ("epochs run", str(meta.get("epochs_run", len(rows))))),
         ("training time", _duration(sum(r.get("seconds", 0.0) + r.get("extract_seconds", 0.0)
                                         for r in rows))),
     ]
