@@ -56,7 +56,8 @@ class FolderScan:
     classes: list[str]
     splits: dict[str, list[tuple[Path, int]]]
     warnings: list[str] = field(default_factory=list)
-    skipped: dict[str, set[str]] = field(default_factory=dict)  # per split read: files that did not decode
+    # Per split read (load_split): the files that did not decode, so kept() lines up with its tensors
+    skipped: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def has_val(self) -> bool:
