@@ -45,6 +45,11 @@ class DataConfig:
     bad_images: str = "skip"  # folders: skip unreadable images with a warning listing them, or refuse
     decode_workers: int = 0  # folders: decoding threads; 0 = one per CPU core
     class_weights: str = "none"  # none | auto: weight the loss by inverse class frequency
+    # Folders (issue 23, honest validation): images whose perceptual hashes agree on at least this
+    # share of their 64 bits are near-duplicates; a carved validation split keeps each group of
+    # them on one side, and a folder's own val/ or test/ gets its cross-split pairs listed.
+    # 0 = off (a plain seeded split; no listing).
+    near_duplicates: float = 0.9
 
 
 @dataclass
@@ -316,6 +321,9 @@ def validate(cfg: Config) -> None:
         _check(value in allowed, f"bad value for data.{key}: {value!r} (choose one of {', '.join(allowed)})")
     _check(d.storage_size >= 0, f"bad value for data.storage_size: {d.storage_size} (0 = auto, or > 0)")
     _check(d.decode_workers >= 0, f"bad value for data.decode_workers: {d.decode_workers} (0 = auto)")
+    _check(0.0 <= d.near_duplicates <= 1.0,
+           f"bad value for data.near_duplicates: {d.near_duplicates} (0 = off, else a share of "
+           f"matching hash bits in (0, 1], e.g. 0.9)")  # fmt: skip
     _check(d.train_limit >= 0, f"bad value for data.train_limit: {d.train_limit} (0 = all, or > 0)")
     _check(m.head in HEADS, f"bad value for model.head: {m.head!r} (choose one of {', '.join(HEADS)})")
     _check(m.resolution >= 0, f"bad value for model.resolution: {m.resolution} (0 = native, or > 0)")

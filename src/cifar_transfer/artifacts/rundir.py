@@ -72,6 +72,11 @@ def load_run_config(run_dir: str | Path) -> Config:
         f"{run_dir} is not a run dir (no {CONFIG}): pass the --out of an earlier train",
         "restore the file from the run",
     )  # fmt: skip
+    data = raw.get("data")
+    if isinstance(data, dict) and "near_duplicates" not in data:
+        # Written before the key existed: its split was carved without near-duplicate groups,
+        # and re-creating it (evaluate, report) must give the same images.
+        raw["data"] = {**data, "near_duplicates": 0.0}
     return config_from_dict(raw)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from cifar_transfer.config import Config, val_count
-from cifar_transfer.data import cifar100, folder
+from cifar_transfer.data import cifar100, folder, neardup
 from cifar_transfer.data.cifar10 import (
     CLASSES,
     _looks_like_batches_dir,
@@ -33,7 +33,14 @@ from cifar_transfer.data.cifar10 import (
     load_split,
     resolve_data_dir,
 )
-from cifar_transfer.data.splits import seeded_pick, split_sizes, stratified_split, stratified_subset
+from cifar_transfer.data.splits import (
+    grouped_pick,
+    proportional_quota,
+    seeded_pick,
+    split_sizes,
+    stratified_split,
+    stratified_subset,
+)
 from cifar_transfer.system.errors import UserError
 
 DEFAULT_FOLDER_STORAGE = 256
@@ -160,14 +167,18 @@ def proportional_split(labels: torch.Tensor, k: int, seed: int) -> tuple[torch.T
     """Seeded split with each class's share of the k validation images proportional to its size
     (largest remainders; at least one per class, never all of a class); (train_idx, val_idx)."""
     y = labels.numpy()
-    classes, counts = np.unique(y, return_counts=True)
-    exact = counts * (k / len(y))
-    quota = np.floor(exact).astype(int)
-    for c in np.argsort(-(exact - quota), kind="stable")[: k - quota.sum()]:
-        quota[c] += 1
-    quota = np.clip(quota, 1 if k else 0, counts - 1)
+    classes, _, quota = proportional_quota(y, k)
     in_val = np.zeros(len(y), dtype=bool)
     in_val[seeded_pick(y, classes, quota, seed)] = True
+    return torch.from_numpy(np.flatnonzero(~in_val)), torch.from_numpy(np.flatnonzero(in_val))
+
+
+def grouped_split(
+    labels: torch.Tensor, k: int, seed: int, groups: neardup.NearDuplicates
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """proportional_split with each near-duplicate group wholly on one side; (train_idx, val_idx)."""
+    in_val = np.zeros(len(labels), dtype=bool)
+    in_val[grouped_pick(labels.numpy(), groups.group, k, seed)] = True
     return torch.from_numpy(np.flatnonzero(~in_val)), torch.from_numpy(np.flatnonzero(in_val))
 
 
@@ -199,6 +210,38 @@ def warn_leakage(a: torch.Tensor | None, b: torch.Tensor | None, what: str) -> i
     return len(shared)
 
 
+def _named_pairs(src: Source, a: str, b: str, pairs: list, k: int = LEAK_LIST) -> list[str]:
+    """The first k pairs (index in split a, index in split b, bits) as 'a-file ~ b-file' text."""
+    if src.scan is None:
+        return []
+    files_a, files_b = src.scan.kept(a), src.scan.kept(b)
+
+    def name(path: Path) -> str:
+        return str(path.relative_to(src.root)) if path.is_relative_to(src.root) else str(path)
+
+    return [f"{name(files_a[i])} ~ {name(files_b[j])}" for i, j, _ in pairs[:k]]
+
+
+def warn_near_duplicates(src: Source, split: str, train_x: torch.Tensor, other_x: torch.Tensor) -> int:
+    """Warn when images of a folder's own val/ or test/ are near-duplicates of training images
+    (data.near_duplicates): those splits are the user's and stay as they are; the line names a
+    few pairs and counts the images."""
+    similarity = src.cfg.data.near_duplicates
+    if src.kind != "folder" or not similarity or not len(train_x) or not len(other_x):
+        return 0
+    pairs = neardup.cross_pairs(train_x, other_x, similarity)
+    hit = len({j for _, j, _ in pairs})
+    if hit:
+        shown = "; ".join(_named_pairs(src, "train", split, pairs))
+        print(
+            f"warning: {hit} image(s) of {src.root / split} are near-duplicates of training images "
+            f"(perceptual hash, data.near_duplicates={similarity:g}; {len(pairs)} pair(s), e.g. "
+            f"{shown}): the {split} figures will be optimistic; move a series to one side",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+    return hit
+
+
 @dataclass
 class Splits:
     """A run's training and validation images (CPU) and what describes them."""
@@ -209,6 +252,9 @@ class Splits:
     val_y: torch.Tensor
     fingerprint: str
     source: Source
+    # Folders with a carved split and data.near_duplicates on: what the hash found (and kept
+    # together) among the training folder's images; None otherwise.
+    near_duplicates: dict | None = None
 
 
 def load_train_val(
@@ -218,10 +264,12 @@ def load_train_val(
     src = open_source(cfg, data_dir, progress)
     x, y, digests = src.read("train")
     d = cfg.data
+    found = None  # near-duplicate groups kept together by a carved folder split
     if src.has_val:
         vx, vy, vdig = src.read("val")
         _check_class_sizes(src, y, carving=False)
         warn_leakage(digests, vdig, f"{src.root / 'val'}")
+        warn_near_duplicates(src, "val", x, vx)
         data_fp = fingerprint(torch.cat([x, vx]), torch.cat([y, vy])) if with_fingerprint else ""
         train_idx = torch.arange(len(y))
     else:
@@ -235,7 +283,13 @@ def load_train_val(
             )
         if src.kind == "folder":
             _check_class_sizes(src, y, carving=k > 0)
-            train_idx, val_idx = proportional_split(y, k, d.seed)
+            if d.near_duplicates and k > 0:
+                groups = neardup.find_groups(x, d.near_duplicates)
+                found = {**groups.summary(d.near_duplicates), "total_images": len(y),
+                         "examples": _named_pairs(src, "train", "train", groups.pairs)}  # fmt: skip
+                train_idx, val_idx = grouped_split(y, k, d.seed, groups)
+            else:
+                train_idx, val_idx = proportional_split(y, k, d.seed)
             if digests is not None:
                 warn_leakage(digests[train_idx], digests[val_idx], "the validation split")
         else:
@@ -243,7 +297,7 @@ def load_train_val(
         vx, vy = x[val_idx], y[val_idx]
     if d.train_limit:
         train_idx = stratified_subset(train_idx, y, d.train_limit, d.seed)
-    return Splits(x[train_idx], y[train_idx], vx, vy, data_fp, src)
+    return Splits(x[train_idx], y[train_idx], vx, vy, data_fp, src, found)
 
 
 def load_test(cfg: Config, data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor, Source]:
@@ -251,7 +305,9 @@ def load_test(cfg: Config, data_dir: str | None = None) -> tuple[torch.Tensor, t
     src = open_source(cfg, data_dir, progress=False)
     x, y, digests = src.read("test")
     if digests is not None:
-        warn_leakage(src.read("train")[2], digests, f"{src.root / 'test'}")
+        train_x, _, train_digests = src.read("train")
+        warn_leakage(train_digests, digests, f"{src.root / 'test'}")
+        warn_near_duplicates(src, "test", train_x, x)
     return x, y, src
 
 

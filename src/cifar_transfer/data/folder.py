@@ -56,10 +56,17 @@ class FolderScan:
     classes: list[str]
     splits: dict[str, list[tuple[Path, int]]]
     warnings: list[str] = field(default_factory=list)
+    # Per split read (load_split): the files that did not decode, so kept() lines up with its tensors
+    skipped: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def has_val(self) -> bool:
         return "val" in self.splits
+
+    def kept(self, split: str) -> list[Path]:
+        """The files of a split that decoded, in the order of load_split's tensors."""
+        bad = self.skipped.get(split, set())
+        return [p for p, _ in self.splits[split] if str(p) not in bad]
 
 
 def _hidden(name: str) -> bool:
@@ -260,6 +267,7 @@ def load_split(
         cached = _read_cache(path)
         if cached is not None:
             problems = json.loads(cached[3])
+            found.skipped[split] = {p for p, _ in problems}
             if problems and bad_images == "refuse":
                 _refuse(problems)
             _warn_skipped(problems)
@@ -269,6 +277,7 @@ def load_split(
         [p for p, _ in entries], size, workers, progress=progress, desc=f"decoding {split}"
     )
     listed = [(str(p), why) for p, why in problems]
+    found.skipped[split] = {p for p, _ in listed}
     if listed and bad_images == "refuse":
         _refuse(listed)
     bad = {p for p, _ in problems}

@@ -83,3 +83,47 @@ def stratified_subset(
     # Picks positions within `indices`, kept in their order, so sorted input gives sorted output.
     chosen = _stratified_pick(labels[indices], limit, seed)
     return indices[chosen.to(indices.device)]
+
+
+def proportional_quota(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(classes, counts, quota): each class's share of k validation images proportional to its
+    size (largest remainders; at least one per class, never all of a class)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * (k / len(labels))
+    quota = np.floor(exact).astype(int)
+    for c in np.argsort(-(exact - quota), kind="stable")[: k - quota.sum()]:
+        quota[c] += 1
+    return classes, counts, np.clip(quota, 1 if k else 0, counts - 1)
+
+
+def grouped_pick(labels: np.ndarray, group: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Sorted positions of about k validation images, whole groups at a time, class-stratified.
+
+    A group (same id in `group`) is one unit that goes to one side; it counts for the class most
+    of its images have. Per class, its units are visited in a seeded order and each is taken
+    while it fits the proportional quotas of every class it holds images of (a group too big is
+    passed over for the next), so no class ever gives all its images. With every group a single image this is the
+    ungrouped split exactly (the same seeded permutations, the same first quota images).
+    """
+    classes, _, quota = proportional_quota(labels, k)
+    pos = {c: n for n, c in enumerate(classes.tolist())}
+    lab = np.array([pos[c] for c in labels.tolist()], dtype=np.int64)
+    units: dict[int, list[int]] = {}
+    for n, g in enumerate(group.tolist()):
+        units.setdefault(g, []).append(n)
+    by_class: list[list[list[int]]] = [[] for _ in classes]
+    for members in units.values():  # in order of first member: a deterministic listing
+        by_class[int(np.bincount(lab[members], minlength=len(classes)).argmax())].append(members)
+    taken = np.zeros(len(classes), dtype=np.int64)
+    picked: list[int] = []
+    generator = torch.Generator().manual_seed(seed)
+    for c in range(len(classes)):
+        order = torch.randperm(len(by_class[c]), generator=generator).tolist()
+        for u in order:
+            if taken[c] >= quota[c]:
+                break
+            share = np.bincount(lab[by_class[c][u]], minlength=len(classes))
+            if np.all(taken + share <= quota):  # no class over its share (quota < its size)
+                taken += share
+                picked += by_class[c][u]
+    return np.sort(np.array(picked, dtype=np.int64))

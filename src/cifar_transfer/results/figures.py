@@ -1,5 +1,6 @@
 """The report's figures (matplotlib, Agg; no pyplot, so no global state and no display): the
-training curves, the confusion matrix, per-class bars and image grids, each rendered to PNG."""
+training curves (or, for a probe, the L2 sweep), the confusion matrix, per-class bars and image
+grids, each rendered to PNG."""
 
 from __future__ import annotations
 
@@ -78,6 +79,58 @@ def curves_figure(rows: list[dict]) -> Figure:
             ax.set_xlim(min(epochs) - 0.6, max(epochs) + 0.6)
         if len(epochs) <= 12:
             ax.set_xticks(epochs)
+    return fig
+
+
+def is_probe_row(row: dict) -> bool:
+    """A metrics row of the L-BFGS probe: one L2 penalty of its sweep, not an epoch."""
+    return row.get("l2") is not None
+
+
+def probe_only(rows: list[dict]) -> bool:
+    """True when every row is a probe penalty: the run has no epochs and no learning rate."""
+    return bool(rows) and all(is_probe_row(r) for r in rows)
+
+
+def probe_figure(rows: list[dict]) -> Figure:
+    """The probe's L2 sweep: loss and accuracy, train vs val, against the penalty (log axis);
+    one line per split and probe phase, the kept penalty (best val accuracy) marked."""
+    fig = new_figure(10.0, 4.1)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    probes = [r for r in rows if is_probe_row(r)]
+    phases = list(dict.fromkeys(r.get("phase", 0) for r in probes))
+    for n, phase in enumerate(phases):
+        mine = sorted((r for r in probes if r.get("phase", 0) == phase), key=lambda r: r["l2"])
+        name = str(mine[0].get("phase_name", phase)) if len(phases) > 1 else ""
+        style = ("-", "--", ":")[n % 3]
+        for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
+            for split, colour in (("train", TRAIN_COLOUR), ("val", VAL_COLOUR)):
+                pts = [(r["l2"], r[f"{split}_{key}"]) for r in mine if r.get(f"{split}_{key}") is not None]
+                if pts:
+                    ax.plot(*zip(*pts), color=colour, ls=style, marker="o", markersize=4, lw=1.8,
+                            label=f"{split} {name}".strip())  # fmt: skip
+        # The probe keeps the best val_acc, then the lowest val_loss, then the first (strongest) L2.
+        best = [(r["val_acc"], -(r.get("val_loss") or 0.0), r["l2"]) for r in mine
+                if r.get("val_acc") is not None]  # fmt: skip
+        if best:
+            acc, _, l2 = max(best)
+            ax_acc.annotate(f"kept l2 {l2:g}: val {acc:.1%}", (l2, acc), xytext=(0, -10),
+                            textcoords="offset points", ha="center", va="top", fontsize=8.5,
+                            color=VAL_COLOUR, bbox={"fc": "white", "ec": "none", "pad": 1.0})  # fmt: skip
+            ax_acc.axvline(l2, color=VAL_COLOUR, ls=":", lw=0.9)
+    values = sorted({r["l2"] for r in probes})
+    for ax, title in ((ax_loss, "Loss"), (ax_acc, "Accuracy")):
+        ax.set_title(title)
+        ax.set_xlabel("L2 penalty (probe sweep)")
+        ax.grid(alpha=0.3)
+        if values and min(values) > 0:
+            ax.set_xscale("log")
+            ax.set_xticks(values, [f"{v:g}" for v in values])
+            ax.minorticks_off()
+    handles, labels = ax_loss.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside upper center", ncols=min(4, len(handles)),
+                   frameon=False)  # fmt: skip
     return fig
 
 

@@ -33,6 +33,8 @@ from cifar_transfer.results.figures import (
     image_grid_figure,
     per_class_figure,
     png_bytes,
+    probe_figure,
+    probe_only,
 )
 from cifar_transfer.results.report_calibration import (
     calibration_figures,
@@ -41,6 +43,7 @@ from cifar_transfer.results.report_calibration import (
     size_notes,
     usable_calibration,
 )
+from cifar_transfer.results.report_validation import usable_eval, validation_section
 from cifar_transfer.results.runs import Predictions, evaluation, predict_split
 from cifar_transfer.system.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from cifar_transfer.system.errors import UserError
@@ -64,7 +67,7 @@ def eval_results(run_dir: Path, preds: Predictions | None) -> dict | None:
                 found = json.loads(path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
                 break  # a damaged file is re-made below when we can
-            if _usable_eval(found) and (preds is None or usable_calibration(found)):
+            if usable_eval(found) and (preds is None or usable_calibration(found)):
                 return found  # one from before calibration is re-made when the images are here
             break  # so is one whose values are not what evaluate writes (edited, or another tool's)
     if preds is None:
@@ -72,23 +75,6 @@ def eval_results(run_dir: Path, preds: Predictions | None) -> dict | None:
     result = evaluation(preds)
     atomic_write_json(run_dir / eval_file(preds.split.name), result)
     return result
-
-
-def _usable_eval(result: object) -> bool:
-    """True when an eval JSON has the types `evaluate` writes (the report formats them)."""
-    def number(v: object) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    if not isinstance(result, dict) or not all(number(result.get(k)) for k in ("accuracy", "loss")):
-        return False
-    classes, per_class = result.get("classes"), result.get("per_class")
-    if not isinstance(classes, list) or not isinstance(per_class, dict):
-        return False
-    keys = ("precision", "recall", "f1", "support")
-    return all(
-        isinstance(per_class.get(c), dict) and all(number(per_class[c].get(k)) for k in keys)
-        for c in classes
-    ) and isinstance(result.get("confusion_matrix"), list)
 
 
 def sample_indices(n: int, k: int = GRID, seed: int = SAMPLE_SEED) -> list[int]:
@@ -217,7 +203,8 @@ def render_html(
         *([(f"{split} balanced accuracy", _pct(evaluation["balanced_accuracy"])),
            (f"{split} macro-F1", f"{evaluation['macro_f1']:.4f}")]
           if evaluation and "balanced_accuracy" in evaluation and "macro_f1" in evaluation else []),
-        ("epochs run", str(meta.get("epochs_run", len(rows)))),
+        (("L2 penalties swept (probe)", str(len(rows))) if probe_only(rows)
+         else ("epochs run", str(meta.get("epochs_run", len(rows))))),
         ("training time", _duration(sum(r.get("seconds", 0.0) + r.get("extract_seconds", 0.0)
                                         for r in rows))),
     ]
@@ -234,13 +221,23 @@ def render_html(
         + "</div>",
     ]
     parts += [f"<p class=note>{_esc(n)}</p>" for n in notes]
+    parts.append(validation_section(run_dir, meta, evaluation))
     parts.append("<h2 id=curves>Training curves</h2>")
-    if "curves" in figures:
+    probe_caption = (
+        "The linear probe's L2 sweep (one L-BFGS fit per penalty, no epochs and no learning "
+        "rate): train and validation loss and accuracy against the penalty, log axis; the dotted "
+        "line marks the penalty kept (best validation accuracy)."
+    )
+    if "curves" in figures and probe_only(rows):
+        parts.append(_img(figures["curves"], "probe L2 sweep", probe_caption))
+    elif "curves" in figures:
         parts.append(_img(
             figures["curves"], "training curves",
             "Per epoch: train and validation loss and accuracy, learning rate; shaded bands and "
             "dashed lines separate the phases (name and input resolution on top).",
         ))
+        if "probe" in figures:
+            parts.append(_img(figures["probe"], "probe L2 sweep", probe_caption))
     else:
         parts.append("<p>metrics.jsonl has no epochs.</p>")
     parts.append("<h2 id=confusion>Confusion matrix</h2>")
@@ -313,8 +310,10 @@ def build_report(run_dir: str | Path, data_dir: str | None = None) -> dict:
     classes = list(evaluation["classes"]) if evaluation else list(meta["classes"])
 
     figures: dict[str, bytes] = {}
-    if rows:
-        figures["curves"] = png_bytes(curves_figure(rows))
+    if rows:  # a run that only probes has no epochs: its sweep against the L2 penalty instead
+        figures["curves"] = png_bytes(probe_figure(rows) if probe_only(rows) else curves_figure(rows))
+        if not probe_only(rows) and any(r.get("l2") is not None for r in rows):
+            figures["probe"] = png_bytes(probe_figure(rows))
     if evaluation and len(classes) <= MATRIX_CLASSES:  # beyond, the pairs table and class table
         figures["confusion"] = png_bytes(confusion_figure(evaluation["confusion_matrix"], classes))
         figures["per_class"] = png_bytes(per_class_figure(evaluation["per_class"], classes))

@@ -37,13 +37,28 @@ class Data:
     classes: list[str]
     storage_size: int  # images are (3, S, S)
     kind: str  # cifar10 | cifar100 | folder (datasets.py)
+    near_duplicates: dict | None = None  # a carved folder split: the groups kept on one side
+
+
+def near_duplicates_line(found: dict) -> str:
+    """The run log's line on the near-duplicate groups a carved validation split kept together."""
+    examples = "; ".join(found.get("examples", []))
+    head = f"near-duplicates (perceptual hash, data.near_duplicates={found['similarity']:g}): "
+    if not found["groups"]:
+        return head + f"none among the {found['total_images']} images"
+    return head + (
+        f"{found['groups']} group(s) holding {found['images']} of the {found['total_images']} "
+        f"images, each kept on one side of the validation split"
+        + (f" (e.g. {examples})" if examples else "")
+    )
 
 
 def load_data(cfg: Config, device: torch.device, progress: bool = True) -> Data:
     """Read the dataset's training split, split off validation, cap training images, move to device."""
     s = load_train_val(cfg, progress=progress)
     tensors = (t.to(device) for t in (s.train_x, s.train_y, s.val_x, s.val_y))
-    return Data(*tensors, s.fingerprint, s.source.classes, s.source.storage_size, s.source.kind)
+    return Data(*tensors, s.fingerprint, s.source.classes, s.source.storage_size, s.source.kind,
+                s.near_duplicates)  # fmt: skip
 
 
 def check_batch_sizes(cfg: Config, world: int) -> None:
@@ -108,6 +123,9 @@ class RunCore:
         self.log = RunLog(self.out, self.main, progress and self.main, cfg.run.tensorboard, rows, best)
         if cfg.run.select_by == "balanced_accuracy":
             self.log.select_key = "val_balanced_acc"
+        found = self.data.near_duplicates
+        if found is not None:
+            self.log.say(near_duplicates_line(found))
 
     def _restore(self, state: TrainState) -> None:
         self.model.load_state_dict(state.model)

@@ -40,6 +40,7 @@ def run_summary(run: RunCore, final: Best) -> dict:
         "train_images": len(run.data.train_y), "val_images": len(run.data.val_y),
         "classes": list(run.data.classes), "storage_size": run.data.storage_size,
         "data_kind": run.data.kind,
+        **({"near_duplicates": run.data.near_duplicates} if run.data.near_duplicates else {}),
         **hardware.describe(run.device, final.precision),
     }  # fmt: skip
 
