@@ -12,7 +12,8 @@ from test_resume import cnn_cfg, interrupted, one_line, same_weights
 
 from cifar_transfer.artifacts import rundir
 from cifar_transfer.cli import main
-from cifar_transfer.config import PhaseConfig, augment_ops
+from cifar_transfer.config import PhaseConfig
+from cifar_transfer.config.augment import augment_ops
 from cifar_transfer.data import autoaugment
 from cifar_transfer.data.augment import augment
 from cifar_transfer.data.mixing import mix

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from cifar_transfer.config import augment_op, augment_ops
+from cifar_transfer.config.augment import augment_op, augment_ops
 from cifar_transfer.data import autoaugment
 from cifar_transfer.system.errors import UserError
 

@@ -1,0 +1,55 @@
+"""The grammar of phases.N.augment: a list of ops, each a name and maybe a range ("rrc:0.35-1",
+"jpeg:50-95"), checked here so a bad name or range is one line naming the key. data/augment.py
+runs them; docs/guides/augmentation.md describes them."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from cifar_transfer.system.errors import UserError
+
+# phases.N.augment's ops (data/augment.py runs them in order): name -> default "LO-HI", or None
+# for an op without a range. Guide: docs/guides/augmentation.md.
+AUGMENT_OPS = {"flip": None, "crop": None, "rrc": "0.08-1", "trivial": None, "randaugment": "2-9",
+               "jpeg": "50-95"}
+
+
+# "op:A-B" -> (its form, the test A and B pass, whole numbers only)
+_AUGMENT_LIMITS = {"rrc": ("rrc:LO-HI with 0 < LO <= HI <= 1", lambda a, b: 0 < a <= b <= 1, False),
+                   "randaugment": ("randaugment:N-M with 1 <= N <= 10 ops, magnitude 0 <= M <= 30",
+                                   lambda a, b: 1 <= a <= 10 and 0 <= b <= 30, True),
+                   "jpeg": ("jpeg:LO-HI with 1 <= LO <= HI <= 100", lambda a, b: 1 <= a <= b <= 100, True)}
+
+
+def augment_ops(value: Any, key: str = "augment") -> list[str]:
+    """phases.N.augment as its ops in order ("none" = [], "crop-flip" = crop, flip), or one UserError."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise UserError(f"bad value for {key}: {value!r} is not a list such as [\"rrc\", \"flip\"]")
+    ops: list[str] = []
+    for item in (v.strip().lower() for v in items):
+        if item not in ("none", "", "crop-flip"):
+            augment_op(item, key)
+        ops += ["crop", "flip"] if item == "crop-flip" else [item] if item not in ("none", "") else []
+    return ops
+
+
+def augment_op(item: str, key: str = "augment") -> tuple[str, tuple[float, float] | None]:
+    """One op's name and its (LO, HI) range (the default where it takes one), or one UserError."""
+    name, sep, arg = item.partition(":")
+    if name not in AUGMENT_OPS or (sep and AUGMENT_OPS[name] is None):
+        ops = ", ".join(n if r is None else f"{n}[:{r}]" for n, r in AUGMENT_OPS.items())
+        raise UserError(f"bad value for {key}: {item!r} is not an augmentation: choose from none, {ops}")
+    default = AUGMENT_OPS[name]
+    if default is None:
+        return name, None
+    form, ok, whole = _AUGMENT_LIMITS[name]
+    number = r"\d+" if whole else r"\d*\.?\d+"
+    match = re.fullmatch(rf"({number})-({number})", arg if sep else default)
+    lo, hi = (float(g) for g in match.groups()) if match else (math.nan, math.nan)
+    if not ok(lo, hi):
+        whole_note = " (whole numbers)" if whole else ""
+        raise UserError(f"bad value for {key}: {item!r}: write {form}{whole_note}, e.g. {name}:{default}")
+    return name, (lo, hi)
