@@ -63,6 +63,7 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
     # A folder's recipe brings its own fine-tuning settings, made for photos (small-folder's
     # skipped "finetune" phase); CIFAR runs take fast-cpu's.
     tune = cfg.phases[1] if folder and len(cfg.phases) > 1 else fast[1]
+    recipe = cfg.recipe
     cfg = budget.apply_plan(cfg, plan, [cfg.phases[0] if folder else fast[0], tune])
     cfg.recipe = f"{args.recipe}-budget" if args.recipe else "budget"
     cfg = apply_overrides(cfg, phase_sets)
@@ -70,7 +71,7 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
     finish = now + dt.timedelta(seconds=plan.predicted_seconds - (time.monotonic() - t_start))
     lines = plan.lines()
     if folder and plan.kind != "probe":
-        lines.insert(2, f"  fine-tuning for photos ({cfg.recipe}'s {tune.name!r} phase): augment "
+        lines.insert(2, f"  fine-tuning for photos ({recipe}'s {tune.name!r} phase): augment "
                         f"{','.join(tune.augment)}, layer_decay {tune.layer_decay:g}, label "
                         f"smoothing {tune.label_smoothing:g}; the probe's bundle stays unless it "
                         f"validates better")
