@@ -17,6 +17,14 @@ from cifar_transfer.cli.commands import (
 from cifar_transfer.serving.cli import add_serve_parser, cmd_serve  # light: no FastAPI/torch
 
 
+def _run_dir_command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand on a finished run: RUN_DIR, and --data-dir for where its images are now."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("run_dir")
+    p.add_argument("--data-dir", help="CIFAR-10 folder (default: the one the run trained on)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -66,9 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix")
-    p.add_argument("run_dir")
-    p.add_argument("--data-dir", help="CIFAR-10 folder (default: the one the run trained on)")
+    p = _run_dir_command(sub, "evaluate", "accuracy, per-class metrics, confusion matrix")
     p.add_argument("--split", choices=["val", "test"], default="val")
     p.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
     p.add_argument(
@@ -77,9 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("calibrate", help="fit a finished run's temperature on its validation split")
-    p.add_argument("run_dir")
-    p.add_argument("--data-dir", help="CIFAR-10 folder (default: the one the run trained on)")
+    p = _run_dir_command(sub, "calibrate", "fit a finished run's temperature on its validation split")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("predict", help="top classes of image files, folders or globs")
@@ -94,9 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("report", help="plots and a self-contained report.html in the run dir")
-    p.add_argument("run_dir")
-    p.add_argument("--data-dir", help="CIFAR-10 folder (default: the one the run trained on)")
+    p = _run_dir_command(sub, "report", "plots and a self-contained report.html in the run dir")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", help="ONNX or TorchScript file that takes raw 32x32 images")

@@ -93,7 +93,7 @@ def calibrated(run: RunCore, final: Best, tta: str) -> dict:
         single, flipped = (float((x.argmax(1) == labels).float().mean()) for x in (logits, both))
         keep = tta == "flip" or flipped > single
         run.log.say(f"flip TTA (run.tta={tta}): val_acc {single:.4f} single view, {flipped:.4f} "
-                     f"with the mirror image: {'bundled' if keep else 'not bundled'}")  # fmt: skip
+                    f"with the mirror image: {'bundled' if keep else 'not bundled'}")  # fmt: skip
         if keep:
             logits = both
             out = {"tta": "flip", "val_acc": flipped, "val_acc_single_view": single}
@@ -103,7 +103,7 @@ def calibrated(run: RunCore, final: Best, tta: str) -> dict:
         before, after = (temperature.ece(temperature.scaled(logits, x).softmax(1), labels)
                          for x in (1.0, t))  # fmt: skip
         run.log.say(f"temperature {t:.3f} fitted on {len(labels)} validation images "
-                     f"(ECE {before:.2%} -> {after:.2%})")  # fmt: skip
+                    f"(ECE {before:.2%} -> {after:.2%})")  # fmt: skip
         run.fitted_temperature = (key, t)
     out["temperature"] = run.fitted_temperature[1]
     return out
