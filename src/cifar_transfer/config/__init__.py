@@ -97,12 +97,20 @@ class PhaseConfig:
     mixup: float = 0.0  # Beta(alpha, alpha) mixup of image pairs; 0 = off
     cutmix: float = 0.0  # Beta(alpha, alpha) CutMix; 0 = off; with mixup too, one of them per batch
     layer_decay: float = 1.0  # each backbone stage's lr = lr * layer_decay^(depth from the top); 1 = off
+    # Cached partial fine-tuning (training/partial.py): with a frozen prefix (until:<stage>,
+    # from-layer:N) its output is computed once per image (and mirror image, with "flip") and
+    # the top blocks train on the stored maps; augment may hold flip and crop (on the maps).
+    cache_frozen: bool = False
 
     def uses_cache(self, feature_cache: bool) -> bool:
         """A frozen backbone seeing unaugmented images computes the same features every epoch,
         so with run.feature_cache on the head trains on features extracted once."""
         return (feature_cache and self.freeze == "all" and not augment_ops(self.augment)
                 and not self.mixup and not self.cutmix)
+
+    def caches_maps(self, feature_cache: bool) -> bool:
+        """A partly frozen phase with cache_frozen trains its top on stored bottom maps."""
+        return feature_cache and self.cache_frozen and self.freeze not in ("none", "all")
 
 
 @dataclass
@@ -347,6 +355,16 @@ def validate(cfg: Config) -> None:
             not p.cached_flips or p.uses_cache(r.feature_cache),
             f"bad value for {k}.cached_flips: it mirrors cached features, so it needs "
             f"freeze = \"all\", augment = \"none\" and run.feature_cache (or use augment = \"flip\")",
+        )
+        _check(
+            not p.cache_frozen or p.freeze not in ("none", "all"),
+            f"bad value for {k}.cache_frozen: it caches the frozen part of the backbone, so it "
+            f"needs a freeze that leaves the top training (until:<stage>, from-layer:N), not {p.freeze!r}",
+        )
+        _check(
+            not p.cache_frozen or all(op in ("flip", "crop") for op in p.augment),
+            f"bad value for {k}.augment: with cache_frozen the top trains on stored maps, where only "
+            f"flip and crop apply, not {', '.join(op for op in p.augment if op not in ('flip', 'crop'))}",
         )
         _check(
             p.precision in ("",) + PRECISIONS,

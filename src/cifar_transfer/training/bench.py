@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from cifar_transfer.data.augment import augment
+from cifar_transfer.data.augment import augment, map_shift, translate
 from cifar_transfer.data.transforms import batch_indices, to_model_input
+from cifar_transfer.models.split import TopModel, frozen_split
 from cifar_transfer.models.transfer import apply_freeze, create_model
 from cifar_transfer.system import hardware
 
@@ -65,6 +66,9 @@ def measure(
 ) -> Cell:
     """Time full steps (input as `input` says -> model [-> backward -> SGD step]).
 
+    `mode` "train-maps" times a cached partial phase's step: the top blocks + head on stored
+    maps of the frozen part (`freeze`'s prefix, as phases.N.cache_frozen cuts it), map
+    translation included; "infer-maps" the frozen part alone (what extracting the maps costs).
     `compiled` runs the model through torch.compile; the compile happens in the untimed warm-up.
     `weights` as model.weights: real weights can run at another speed than random init (in fp32
     on a CPU, tiny values that denormalize are slow). `freeze` as a phase's freeze: a train step
@@ -85,8 +89,18 @@ def measure(
     ready = to_model_input(pool[:batch_size], resolution, spec.mean, spec.std, channels_last)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     forward = torch.compile(model) if compiled else model
+    maps = None
+    if mode in ("train-maps", "infer-maps"):
+        split = frozen_split(model)
+        forward = split.bottom if mode == "infer-maps" else TopModel(split, model)
+        with torch.no_grad(), hardware.autocast(device, precision):
+            maps = split.bottom.eval()(ready)
+        mode = "infer" if mode == "infer-maps" else "train"
 
     def batch() -> torch.Tensor:
+        if maps is not None and mode == "train":  # stored maps: a batch is rows, then a shift
+            return translate(maps, gen, map_shift(maps.shape[-1])).contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         if input == "model":
             return ready
         idx = batch_indices(len(pool), batch_size, True, gen)[0].to(device, non_blocking=True)
@@ -96,14 +110,14 @@ def measure(
     def step() -> None:
         x = batch()
         if mode == "train":
-            model.train()
+            forward.train()
             with hardware.autocast(device, precision):
                 loss = F.cross_entropy(forward(x).float(), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         else:
-            model.eval()
+            forward.eval()
             with torch.no_grad(), hardware.autocast(device, precision):
                 forward(x)
 

@@ -94,12 +94,13 @@ def extract_features(
 
 def cached_features(
     cache_dir: Path, key: str, images: torch.Tensor,
-    extract: Callable[[torch.Tensor], torch.Tensor],
+    extract: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """Load features from the cache or `extract(images)` and store them; (features, seconds)."""
+    """Load features from the cache or `extract(images)` and store them; (features, seconds).
+    `shape`: what one row must be (a stored map's), else any."""
     path = Path(cache_dir) / f"{key}.safetensors"
     t0 = time.perf_counter()
-    feats = load_cached(path, len(images), images.device)
+    feats = load_cached(path, len(images), images.device, shape)
     if feats is not None:
         return feats, time.perf_counter() - t0
     feats = extract(images)
@@ -107,9 +108,11 @@ def cached_features(
     return feats, time.perf_counter() - t0
 
 
-def load_cached(path: Path, n: int, device: torch.device) -> torch.Tensor | None:
-    """The cached features at `path` when it holds n of them; None when it is missing, short or
-    unreadable (a bad cache file is re-made, never trusted)."""
+def load_cached(path: Path, n: int, device: torch.device,
+                shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
+    """The cached features at `path` when it holds n of them (each of `shape` when given); None
+    when it is missing, short, of another shape or unreadable (a bad cache file is re-made, never
+    trusted)."""
     if not path.is_file():
         return None
     try:
@@ -118,7 +121,9 @@ def load_cached(path: Path, n: int, device: torch.device) -> torch.Tensor | None
         print(f"note: feature cache {path} unreadable ({type(e).__name__}): extracting again",
               file=sys.stderr)  # fmt: skip
         return None
-    return feats.to(device) if len(feats) == n else None
+    if len(feats) != n or (shape is not None and tuple(feats.shape[1:]) != tuple(shape)):
+        return None
+    return feats.to(device)
 
 
 def _store(path: Path, feats: torch.Tensor, key: str) -> None:

@@ -18,7 +18,7 @@ from cifar_transfer.artifacts.checkpoint import TrainState
 from cifar_transfer.data.cifar10 import default_cache_dir
 from cifar_transfer.data.datasets import class_weights, fingerprint
 from cifar_transfer.system.errors import UserError
-from cifar_transfer.training import distributed
+from cifar_transfer.training import distributed, partial
 from cifar_transfer.training.budget import Cell
 from cifar_transfer.training.core import RunCore
 from cifar_transfer.training.features import (
@@ -39,13 +39,14 @@ from cifar_transfer.training.probe import ProbeFit, sweep
 def run_phase(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, resume: TrainState | None) -> None:
     """Train one gradient phase from its start or from the checkpointed epoch inside it."""
     phase, model, log = plan.phase, run.model, run.log
-    net = model.head if plan.cached else model
+    # What trains: the head on cached features, the top + head on stored maps, or the model.
+    net = model.head if plan.cached else getattr(inputs, "net", None) or model
     optimizer = make_optimizer(net, phase)
     steps_per_epoch = -(-len(inputs.train_y) // phase.batch_size)
     scheduler = make_scheduler(optimizer, phase, steps_per_epoch)
     scaler = torch.amp.GradScaler(run.device.type) if plan.precision == "fp16" else None
     ema = None
-    if run.cfg.run.ema > 0 and not plan.cached:
+    if run.cfg.run.ema > 0 and net is model:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(run.cfg.run.ema), use_buffers=True)
     start, stale = 0, 0
     if resume is not None:
@@ -57,9 +58,10 @@ def run_phase(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, resume: TrainS
     forward = net
     if distributed.world_size() > 1:  # a new wrapper per phase: each phase trains other parameters
         forward = DistributedDataParallel(net, device_ids=[run.device] if run.device.type == "cuda" else None)
-    if run.cfg.run.compile and not plan.cached:
+    if run.cfg.run.compile and net is model:
         forward = torch.compile(forward)
     evaluated = ema.module if ema is not None else model
+    validated = evaluated if net is model else net  # the head or top on stored inputs
     best_here = log.phase_best(plan.index)
     pacer = None
     schedule = getattr(scheduler, "lr_lambdas", [None])[0]
@@ -84,15 +86,14 @@ def run_phase(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, resume: TrainS
             ) from None
         t_val = time.perf_counter()
         val_loss, val_acc, val_balanced, val_logits = validate(
-            evaluated.head if plan.cached else evaluated, inputs, run.cfg.run.eval_batch_size,
-            plan.precision,
+            validated, inputs, run.cfg.run.eval_batch_size, plan.precision,
         )  # fmt: skip
         row = log.row(
             plan, epoch + 1, train_loss=fit.loss, train_acc=fit.acc, val_loss=val_loss,
             val_acc=val_acc, lr=optimizer.param_groups[0]["lr"], img_per_s=fit.seen / fit.seconds,
             seconds=fit.seconds, val_balanced_acc=val_balanced,
         )  # fmt: skip
-        if plan.cached and epoch == start:
+        if (plan.cached or plan.maps) and epoch == start:
             row["extract_seconds"] = inputs.extract_seconds
         log.log(row, phase.epochs)
         run.keep_if_best(row, plan, evaluated)
@@ -179,7 +180,9 @@ def frozen_features(
 
 
 def phase_inputs(run: RunCore, plan: PhasePlan) -> PhaseInputs:
-    """The phase's training and validation inputs: raw images or cached features."""
+    """The phase's training and validation inputs: raw images, cached features or stored maps."""
+    if plan.maps:
+        return partial.map_inputs(run, plan)
     d, spec = run.data, run.model.spec
     tensors, seconds = (d.train_x, d.train_y, d.val_x), 0.0
     if plan.cached:

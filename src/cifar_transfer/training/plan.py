@@ -22,6 +22,7 @@ class PhasePlan:
     resolution: int  # input size the backbone sees
     precision: str  # "bf16", "fp16" or "fp32": extraction, training and validation of this phase
     cached: bool  # the head trains on features extracted once (frozen backbone, no augmentation)
+    maps: bool = False  # the top blocks + head train on the frozen bottom's stored maps (cache_frozen)
 
     @property
     def runs(self) -> bool:
@@ -39,14 +40,16 @@ def phase_precision(cfg: Config, phase: PhaseConfig, resolution: int, device: to
 
     A phase may run at its own precision: bf16 extraction is 2x faster than fp32 on a bf16 CPU
     while Lite training below 224 px can be faster in fp32 (BENCHMARKS.md), so "auto" measures
-    the step the phase runs: inference for a cached phase, training (with its freeze) otherwise.
+    the step the phase runs: inference for a cached phase, the top's training on stored maps for
+    a cache_frozen one, training (with its freeze) otherwise.
     """
     precision = phase.precision or cfg.run.precision
     if precision != "auto" or phase.epochs == 0:
         return "fp32" if precision == "auto" else precision
     cached = phase.uses_cache(cfg.run.feature_cache)
+    train = "train-maps" if phase.caches_maps(cfg.run.feature_cache) else "train"
     return measure.auto_precision(
-        device, cfg.model.backbone, resolution, "infer" if cached else "train",
+        device, cfg.model.backbone, resolution, "infer" if cached else train,
         cfg.run.eval_batch_size if cached else phase.batch_size, "none" if cached else phase.freeze,
     )  # fmt: skip
 
@@ -58,6 +61,6 @@ def plan_phases(cfg: Config, native_resolution: int, device: torch.device) -> li
         resolution = phase_resolution(cfg, phase, native_resolution)
         plans.append(PhasePlan(
             i, phase, resolution, phase_precision(cfg, phase, resolution, device),
-            phase.uses_cache(cfg.run.feature_cache),
+            phase.uses_cache(cfg.run.feature_cache), phase.caches_maps(cfg.run.feature_cache),
         ))  # fmt: skip
     return plans

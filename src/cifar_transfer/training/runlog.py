@@ -51,7 +51,7 @@ class RunLog:
         return {
             "phase": plan.index, "phase_name": plan.phase.name, "epoch": self.epochs + 1,
             "phase_epoch": phase_epoch, **fields, "resolution": plan.resolution,
-            "cached_features": plan.cached,
+            "cached_features": plan.cached, **({"cached_maps": True} if plan.maps else {}),
         }  # fmt: skip
 
     def log(self, row: dict, of: int, extra: str = "") -> None:

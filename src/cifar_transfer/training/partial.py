@@ -1,0 +1,167 @@
+"""Cached partial fine-tuning (phases.N.cache_frozen): the frozen bottom of the backbone runs once
+per image (and once per mirror image), its output maps are stored, and the phase trains the top
+blocks + head on them (models/split.py cuts the model).
+
+Augmentation happens on the maps: `flip` picks each image's stored mirror-image map, `crop`
+translates the map by up to CROP_PAD/32 of its size with zero padding (CIFAR's 4-of-32 px pad-
+and-crop at map scale). The maps are kept as the bottom outputs them (bf16 under bf16 autocast),
+so the top computes from them exactly what the whole model computes from the images: validation
+on stored val maps gives the val_acc `evaluate` prints for the bundle.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from cifar_transfer.data.augment import map_shift, translate
+from cifar_transfer.data.cifar10 import default_cache_dir
+from cifar_transfer.data.datasets import class_weights, fingerprint
+from cifar_transfer.data.folder import MEMORY_SHARE, available_memory
+from cifar_transfer.data.mixing import Mixed, mix
+from cifar_transfer.data.transforms import to_model_input
+from cifar_transfer.models.split import Split, TopModel, frozen_split
+from cifar_transfer.system import hardware
+from cifar_transfer.system.errors import UserError
+from cifar_transfer.training import distributed
+from cifar_transfer.training.core import RunCore
+from cifar_transfer.training.features import cached_features, weights_fingerprint
+from cifar_transfer.training.loop import PhaseInputs
+from cifar_transfer.training.plan import PhasePlan
+
+MAP_OPS = ("flip", "crop")  # what a cached phase can do on maps; every other op needs the images
+
+
+@dataclass
+class MapInputs(PhaseInputs):
+    """A cached partial phase's inputs: stored bottom maps (train, mirror train, val) and the
+    TopModel that trains on them."""
+
+    mirror_x: torch.Tensor | None = None
+    net: TopModel | None = None
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored maps are what the top takes."""
+        return x
+
+    def train_batch(
+        self, idx: torch.Tensor, part: slice, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, Mixed | None]:
+        """The batch's maps: each its image's or (flip) its mirror image's, then (crop) moved;
+        the draws are per global batch, so every rank and a resumed run see the same."""
+        x = self.train_x[idx]
+        if "flip" in self.augment and self.mirror_x is not None:
+            pick = (torch.rand(len(idx), generator=gen) < 0.5).to(x.device).view(-1, 1, 1, 1)
+            x = torch.where(pick, self.mirror_x[idx], x)
+        if "crop" in self.augment:
+            x = translate(x, gen, map_shift(x.shape[-1]))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = x[part], self.train_y[idx[part]]
+        if not (self.mixup or self.cutmix):
+            return x, y, None
+        mixed = mix(x, y, gen, self.mixup, self.cutmix)
+        return mixed.x, mixed.y, mixed
+
+
+def map_key(backbone: str, bottom_fp: str, split: Split, resolution: int, precision: str,
+            data_fp: str) -> str:
+    """File stem of a map cache entry: the bottom's weights, where it is cut, size, precision, images."""
+    safe = backbone.replace("/", "_")
+    return f"{safe}-w{bottom_fp}-maps{split.at}-r{resolution}-{precision}-{data_fp}"
+
+
+@torch.inference_mode()
+def extract_maps(bottom: torch.nn.Module, images: torch.Tensor, plan: PhasePlan, mean, std,
+                 batch_size: int, channels_last: bool, desc: str, progress: bool) -> torch.Tensor:
+    """bottom(images) batch by batch in eval mode, as the bottom outputs them (dtype included)."""
+    bottom.eval()
+    out = []
+    bar = tqdm(total=len(images), desc=desc, unit="img", mininterval=2, dynamic_ncols=True,
+               disable=not progress)  # fmt: skip
+    for start in range(0, len(images), batch_size):
+        x = to_model_input(images[start : start + batch_size], plan.resolution, mean, std, channels_last)
+        with hardware.autocast(images.device, plan.precision):
+            out.append(bottom(x).contiguous())
+        bar.update(len(x))
+    bar.close()
+    return torch.cat(out)
+
+
+def map_shape(bottom: torch.nn.Module, images: torch.Tensor, plan: PhasePlan, mean, std
+              ) -> tuple[tuple[int, ...], torch.dtype]:
+    """One map's shape and dtype, from one image."""
+    return tuple((m := extract_maps(bottom, images[:1], plan, mean, std, 1, False, "", False)).shape[1:]), m.dtype
+
+
+def check_map_memory(n: int, shape: tuple[int, ...], dtype: torch.dtype, where: str) -> None:
+    """Refuse, before extracting, maps that would not fit the memory available."""
+    need = n * torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+    have = available_memory()
+    if have and need > MEMORY_SHARE * have:
+        raise UserError(
+            f"storing the frozen part's output for {where} takes {need / 2**30:.1f} GiB ({n:,} maps "
+            f"of {'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}), more than the "
+            f"{have / 2**30:.1f} GiB of memory available: freeze more of the backbone (a later "
+            f"cut has smaller maps), lower the resolution, or set cache_frozen = false"
+        )
+
+
+def frozen_maps(run: RunCore, plan: PhasePlan, split: Split) -> tuple[list[torch.Tensor], float]:
+    """[train maps, mirror train maps or None, val maps] from the cache or extracted now; seconds.
+
+    Val maps are extracted eagerly (as `evaluate` runs the bundle); rank 0 extracts under torchrun
+    while the others wait, then they read the cache.
+    """
+    cfg, d, spec = run.cfg, run.data, run.model.spec
+    mirror = "flip" in plan.phase.augment
+    sets = [("train", d.train_x, d.train_y), ("mirrored train", d.train_x.flip(-1) if mirror else None, d.train_y),
+            ("val", d.val_x, d.val_y)]
+    shape, dtype = map_shape(split.bottom, d.train_x, plan, spec.mean, spec.std)
+    check_map_memory(len(d.train_x) * (2 if mirror else 1) + len(d.val_x), shape, dtype,
+                     f"phase {plan.phase.name!r}")  # fmt: skip
+    bottom_fp = weights_fingerprint(split.bottom)
+    out, seconds = [], 0.0
+    with distributed.main_first():
+        for name, x, y in sets:
+            if x is None:
+                out.append(None)
+                continue
+            key = map_key(cfg.model.backbone, bottom_fp, split, plan.resolution, plan.precision,
+                          fingerprint(x, y))  # fmt: skip
+
+            def extract(images: torch.Tensor, name: str = name) -> torch.Tensor:
+                return extract_maps(split.bottom, images, plan, spec.mean, spec.std,
+                                    cfg.run.eval_batch_size, cfg.run.channels_last,
+                                    f"{name} maps ({split.name} on)", run.log.console)  # fmt: skip
+
+            maps, s = cached_features(default_cache_dir() / "maps", key, x, extract, shape=shape)
+            if cfg.run.channels_last:
+                maps = maps.contiguous(memory_format=torch.channels_last)
+            out.append(maps)
+            seconds += s
+    return out, seconds
+
+
+def map_inputs(run: RunCore, plan: PhasePlan) -> MapInputs:
+    """The cached partial phase's inputs (apply_freeze has run): the model cut at its frozen part."""
+    bad = [op for op in plan.phase.augment if op.partition(":")[0] not in MAP_OPS]
+    if bad:  # config validation says so too; a PhaseConfig built in code lands here
+        raise UserError(f"phase {plan.phase.name!r}: cache_frozen trains on stored maps, where only "
+                        f"{' and '.join(MAP_OPS)} apply, not {', '.join(bad)}")
+    split = frozen_split(run.model)
+    t0 = time.perf_counter()
+    (train, mirror, val), _ = frozen_maps(run, plan, split)
+    d, spec = run.data, run.model.spec
+    weights = class_weights(d.train_y, len(d.classes)) if run.cfg.data.class_weights == "auto" else None
+    run.log.say(f"{plan.phase.name}: the frozen {split.at} of {split.blocks} blocks run once per image; "
+                f"training {split.name} on, on stored {'x'.join(map(str, train.shape[1:]))} maps")
+    return MapInputs(
+        train, d.train_y, val, d.val_y, False, plan.resolution, spec.mean, spec.std,
+        plan.phase.augment, run.cfg.run.channels_last, time.perf_counter() - t0, weights,
+        mixup=plan.phase.mixup, cutmix=plan.phase.cutmix, mirror_x=mirror, net=TopModel(split, run.model),
+    )  # fmt: skip
+

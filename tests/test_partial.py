@@ -1,0 +1,223 @@
+"""Cached partial fine-tuning (phases.N.cache_frozen): the cut model computes what the whole one
+does, a run on stored maps validates to what `evaluate` prints, resumes bit-exactly, and its
+cache re-extracts exactly when the frozen weights, the resolution or the images change."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_cifar_dir
+from safetensors.torch import load_file
+
+from cifar_transfer.artifacts import rundir
+from cifar_transfer.cli import main
+from cifar_transfer.config import PhaseConfig
+from cifar_transfer.data.augment import map_shift, translate
+from cifar_transfer.models.split import TopModel, frozen_split
+from cifar_transfer.models.transfer import apply_freeze, create_model
+from cifar_transfer.recipes import apply_overrides, load_recipe
+from cifar_transfer.system.errors import UserError
+from cifar_transfer.training import partial
+from cifar_transfer.training import run as train_mod
+from cifar_transfer.training.bench import measure
+from cifar_transfer.training.features import weights_fingerprint
+
+
+@pytest.mark.parametrize("backbone,freeze", [
+    ("efficientnet_lite0", "from-layer:100"), ("efficientnet_lite0", "until:blocks5"),
+    ("resnet18", "until:layer2"), ("resnet50", "from-layer:100"),
+])  # fmt: skip
+def test_the_cut_model_computes_exactly_what_the_whole_one_does(backbone, freeze):
+    torch.manual_seed(0)
+    model = create_model(backbone, "none", "linear").eval()
+    apply_freeze(model, freeze)
+    split = frozen_split(model)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        whole, cut = model(x), TopModel(split, model)(split.bottom(x))
+    assert torch.equal(whole, cut)
+    assert 0 < split.at < split.blocks
+    # the bottom is exactly the frozen blocks: nothing that trains is cached
+    assert all(not p.requires_grad for p in split.bottom.parameters())
+    assert any(p.requires_grad for p in split.top[0].parameters())
+
+
+@pytest.mark.parametrize("freeze,says", [("none", "first block"), ("all", "whole backbone")])
+def test_a_split_needs_a_frozen_prefix_and_a_training_top(freeze, says):
+    model = create_model("resnet18", "none", "linear")
+    apply_freeze(model, freeze)
+    with pytest.raises(UserError, match=says):
+        frozen_split(model)
+
+
+def test_a_backbone_that_is_not_a_chain_of_blocks_says_so():
+    model = create_model("cnn", "none", "linear")
+    apply_freeze(model, "until:block1")
+    with pytest.raises(UserError, match="cache_frozen = false"):
+        frozen_split(model)
+
+
+def test_map_translation_keeps_shape_dtype_and_is_seeded():
+    maps = torch.randn(8, 16, 10, 10).to(torch.bfloat16)
+    a = translate(maps, torch.Generator().manual_seed(3), map_shift(10))
+    b = translate(maps, torch.Generator().manual_seed(3), map_shift(10))
+    assert a.shape == maps.shape and a.dtype == maps.dtype and torch.equal(a, b)
+    assert map_shift(10) == 1 and map_shift(14) == 2 and map_shift(5) == 1
+    # a shift moves content, never invents it: every output cell is an input cell or zero
+    moved = translate(torch.ones(4, 1, 6, 6), torch.Generator().manual_seed(0), 1)
+    assert set(moved.unique().tolist()) <= {0.0, 1.0} and moved.sum() >= 4 * 25
+
+
+def test_map_inputs_pick_the_mirror_maps_for_flip():
+    train, mirror = torch.zeros(6, 2, 3, 3), torch.ones(6, 2, 3, 3)
+    inputs = partial.MapInputs(train, torch.arange(6), train, torch.arange(6), False, 32, (0.5,) * 3,
+                               (0.5,) * 3, ["flip"], False, mirror_x=mirror)  # fmt: skip
+    x, y, mixed = inputs.train_batch(torch.arange(6), slice(None), torch.Generator().manual_seed(1))
+    picked = x.flatten(1).mean(1)
+    assert mixed is None and torch.equal(y, torch.arange(6))
+    assert set(picked.tolist()) == {0.0, 1.0}  # some plain, some mirrored, with this seed
+
+
+def cfg_for(data_dir: Path, *extra: str, backbone: str = "efficientnet_lite0"):
+    return apply_overrides(load_recipe("fast-cpu"), [
+        f"data.data_dir={data_dir}", "data.val_size=60", "data.train_limit=120",
+        f"model.backbone={backbone}", "model.weights=none", "model.resolution=48",
+        "phases.0.precision=fp32", "phases.1.precision=fp32", "phases.1.freeze=from-layer:100",
+        "phases.1.cache_frozen=true", "phases.1.epochs=2", "phases.1.batch_size=40",
+        "run.threads=1", "run.compile_features=off", *extra,
+    ])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cached_run(cifar_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CIFAR_TRANSFER_CACHE", str(cache))
+    out = tmp_path_factory.mktemp("cached") / "run"
+    train_mod.train(cfg_for(cifar_dir), out, progress=False)
+    yield out, cache
+    mp.undo()
+
+
+def test_a_cached_run_trains_the_top_on_stored_maps_and_evaluate_agrees(cached_run, capsys):
+    out, cache = cached_run
+    rows = rundir.read_metrics(out)
+    tuned = [r for r in rows if r["phase"] == 1]
+    assert len(tuned) == 2 and all(r.get("cached_maps") for r in tuned)
+    assert "extract_seconds" in tuned[0]
+    maps = sorted((cache / "maps").glob("*.safetensors"))
+    assert len(maps) == 3  # train, mirrored train (augment has flip), val
+    # the bundle's val_acc is what evaluate computes from the images through the whole model
+    info = json.loads((out / rundir.META).read_text())
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--split", "val"]) == 0
+    report = json.loads((out / "eval-val.json").read_text())
+    assert report["accuracy"] == info["val_acc"]
+
+
+def test_top_logits_on_maps_as_stored_equal_the_whole_models_on_images(cached_run):
+    """fp32, trained weights: exactly, after the round trip the cache makes (stored contiguous,
+    read back channels_last)."""
+    out, _ = cached_run
+    model = create_model("efficientnet_lite0", "none", "linear", num_classes=10)
+    model.load_state_dict(load_file(out / rundir.WEIGHTS))
+    model = model.to(memory_format=torch.channels_last).eval()
+    apply_freeze(model, "from-layer:100")
+    split = frozen_split(model)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    plan = type("P", (), {"resolution": 48, "precision": "fp32"})()
+    maps = partial.extract_maps(split.bottom, images, plan, model.spec.mean, model.spec.std, 256,
+                                True, "", False).contiguous(memory_format=torch.channels_last)
+    from cifar_transfer.data.transforms import to_model_input
+
+    x = to_model_input(images, 48, model.spec.mean, model.spec.std, True)
+    with torch.no_grad():
+        assert torch.equal(model(x), TopModel(split, model)(maps))
+
+
+def test_the_map_cache_key_follows_the_frozen_weights_resolution_and_images():
+    model = create_model("resnet18", "none", "linear")
+    apply_freeze(model, "until:layer2")
+    split = frozen_split(model)
+    fp = weights_fingerprint(split.bottom)
+    key = partial.map_key("resnet18", fp, split, 64, "bf16", "data1")
+    with torch.no_grad():
+        model.backbone.layer4[0].conv1.weight.add_(1)  # the top changed: same maps
+    assert weights_fingerprint(split.bottom) == fp
+    with torch.no_grad():
+        model.backbone.layer1[0].conv1.weight.add_(1)  # the bottom changed: new maps
+    assert weights_fingerprint(split.bottom) != fp
+    assert len({key, partial.map_key("resnet18", fp, split, 96, "bf16", "data1"),
+                partial.map_key("resnet18", fp, split, 64, "fp32", "data1"),
+                partial.map_key("resnet18", fp, split, 64, "bf16", "data2")}) == 4
+
+
+def test_a_second_run_reads_the_maps_and_other_images_extract_again(cached_run, cifar_dir, tmp_path,
+                                                                    monkeypatch):
+    _, cache = cached_run
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(cache))
+    before = {p.name: p.stat().st_mtime_ns for p in (cache / "maps").glob("*")}
+    train_mod.train(cfg_for(cifar_dir, "phases.1.epochs=1"), tmp_path / "again", progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (cache / "maps").glob("*")} == before
+    other = write_cifar_dir(tmp_path / "other", per_batch=100, seed=5)
+    train_mod.train(cfg_for(other, "phases.1.epochs=1"), tmp_path / "other-run", progress=False)
+    assert len(list((cache / "maps").glob("*"))) == len(before) + 3
+
+
+def test_a_cached_run_resumes_bit_exactly(cifar_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))
+    cfg = cfg_for(cifar_dir, "phases.1.epochs=3", "phases.1.mixup=0.2")
+    train_mod.train(cfg, tmp_path / "whole", progress=False)
+    real, calls = train_mod.Run.checkpoint, {"n": 0}
+
+    def stop(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the probe's checkpoint, then the first cached epoch's
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.Run, "checkpoint", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.setattr(train_mod.Run, "checkpoint", real)
+    shutil.rmtree(tmp_path / "cache")  # the maps are extracted again: the same bits
+    assert main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
+    a, b = (load_file(tmp_path / d / rundir.WEIGHTS) for d in ("whole", "run"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sets,says", [
+    (["phases.1.freeze=none"], "needs a freeze that leaves the top training"),
+    (["phases.1.freeze=until:blocks4", "phases.1.augment=rrc,flip"], "only flip and crop apply, not rrc"),
+])  # fmt: skip
+def test_bad_cache_frozen_settings_are_one_line(cifar_dir, tmp_path, capsys, sets, says):
+    args = ["train", "--recipe", "fast-cpu", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "r"),
+            "--set", "phases.1.cache_frozen=true", *(a for s in sets for a in ("--set", s))]
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_maps_that_do_not_fit_memory_are_refused_before_extracting(monkeypatch):
+    monkeypatch.setattr(partial, "available_memory", lambda: 2**20)
+    with pytest.raises(UserError, match="freeze more of the backbone"):
+        partial.check_map_memory(10_000, (112, 10, 10), torch.bfloat16, "phase 'finetune'")
+    partial.check_map_memory(10, (112, 10, 10), torch.bfloat16, "phase 'finetune'")  # fits
+
+
+def test_bench_times_the_cached_step_and_the_extraction():
+    for mode in ("train-maps", "infer-maps"):
+        cell = measure("resnet18", 32, "fp32", mode, 4, 0.1, torch.device("cpu"), freeze="until:layer2")
+        assert cell.img_per_s > 0 and cell.steps >= 2
+
+
+def test_a_phase_built_in_code_with_an_image_op_is_refused():
+    phase = PhaseConfig(freeze="until:layer2", cache_frozen=True, augment=["trivial"])
+    plan = type("P", (), {"phase": phase})()
+    with pytest.raises(UserError, match="only flip and crop"):
+        partial.map_inputs(None, plan)  # type: ignore[arg-type]
