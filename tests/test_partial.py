@@ -221,3 +221,32 @@ def test_a_phase_built_in_code_with_an_image_op_is_refused():
     plan = type("P", (), {"phase": phase})()
     with pytest.raises(UserError, match="only flip and crop"):
         partial.map_inputs(None, plan)  # type: ignore[arg-type]
+
+
+def test_the_budget_planner_prices_cached_partial_plans_and_applies_them():
+    from cifar_transfer.training import budget
+
+    lite = budget.Candidate("efficientnet_lite0", (160,), kinds=("partial", "cached"),
+                            precisions=("fp32",))
+    tput = {budget.Cell("efficientnet_lite0", 160, "fp32", "infer", 64): 300.0,
+            budget.Cell("efficientnet_lite0", 160, "fp32", "train", 32, "from-layer:100"): 100.0,
+            budget.Cell("efficientnet_lite0", 160, "fp32", "infer-maps", 64, "until:blocks4"): 400.0,
+            budget.Cell("efficientnet_lite0", 160, "fp32", "train-maps", 32, "until:blocks4"): 250.0}
+    assert set(budget.cells_needed([lite])) == set(tput)
+    plan = budget.plan_budget(tput, 3600, 45_000, 5_000, [lite], overhead_s=20)
+    kinds = {plan.kind, *(a["kind"] for a in plan.alternatives)}
+    assert {"probe", "partial", "cached"} <= kinds  # weighed side by side
+    photo = load_recipe("small-folder")
+    forced = budget.plan_budget(tput, 3600, 45_000, 5_000, [
+        budget.Candidate("efficientnet_lite0", (160,), kinds=("cached",), precisions=("fp32",))],
+        overhead_s=20)  # fmt: skip
+    assert forced.kind == "cached"
+    # the one extraction over train, mirror train and val is priced, then cheaper epochs
+    assert forced.maps_seconds == pytest.approx((2 * 45_000 + 5_000) / 400.0)
+    assert forced.predicted_seconds <= 3600 and forced.epochs > 1
+    assert any("store the frozen part's output" in line for line in forced.lines())
+    cfg = budget.apply_plan(photo, forced, [photo.phases[0], photo.phases[-1]])
+    tune = cfg.phases[-1]
+    assert tune.cache_frozen and tune.freeze == "until:blocks4"
+    assert tune.augment == ["crop", "flip"]  # rrc -> translation on the maps; trivial needs pixels
+    assert tune.layer_decay == photo.phases[-1].layer_decay

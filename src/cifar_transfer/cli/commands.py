@@ -232,10 +232,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from cifar_transfer.system import hardware
     from cifar_transfer.system.atomic import atomic_write_json
-    from cifar_transfer.training.bench import INPUTS, run_bench
+    from cifar_transfer.training.bench import INPUTS, MODES, run_bench
 
     choices = {
-        "--precisions": (args.precisions, ("fp32", "bf16")), "--modes": (args.modes, ("train", "infer")),
+        "--precisions": (args.precisions, ("fp32", "bf16")), "--modes": (args.modes, MODES),
         "--memory-formats": (args.memory_formats, ("channels_last", "nchw")),
         "--inputs": (args.inputs, INPUTS), "--compile": (args.compile, ("off", "on")),
     }  # fmt: skip
@@ -248,7 +248,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.backbones.split(","), [int(r) for r in args.resolutions.split(",")],
         args.precisions.split(","), args.modes.split(","), args.batch_size, args.seconds, args.device,
         tuple(args.memory_formats.split(",")), tuple(args.inputs.split(",")),
-        tuple(v == "on" for v in args.compile.split(",")), args.weights,
+        tuple(v == "on" for v in args.compile.split(",")), args.weights, args.freeze,
     )
     if args.json:
         atomic_write_json(Path(args.json), rows)

@@ -112,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbones", default="resnet50", help="comma list (default resnet50)")
     p.add_argument("--resolutions", default="32,64,128,224", help="comma list of input sizes")
     p.add_argument("--precisions", default="fp32,bf16", help="comma list: fp32,bf16")
-    p.add_argument("--modes", default="train,infer", help="comma list: train,infer")
+    p.add_argument(
+        "--modes", default="train,infer",
+        help="comma list: train,infer,train-maps,infer-maps (the -maps modes: a cached partial "
+        "phase's step on stored maps, and the frozen part alone; they need --freeze)",
+    )
+    p.add_argument("--freeze", default="none", help="as phases.N.freeze (default none), e.g. until:blocks4")
     p.add_argument("--memory-formats", default="channels_last", help="channels_last,nchw")
     p.add_argument(
         "--inputs", default="pipeline",

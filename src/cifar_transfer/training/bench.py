@@ -43,6 +43,7 @@ class Cell:
 
 
 INPUTS = ("pipeline", "model")
+MODES = ("train", "infer", "train-maps", "infer-maps")
 
 
 def _sync(device: torch.device) -> None:
@@ -89,27 +90,26 @@ def measure(
     ready = to_model_input(pool[:batch_size], resolution, spec.mean, spec.std, channels_last)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     forward = torch.compile(model) if compiled else model
-    maps = None
+    maps, step_mode = None, mode.removesuffix("-maps")
     if mode in ("train-maps", "infer-maps"):
         split = frozen_split(model)
         forward = split.bottom if mode == "infer-maps" else TopModel(split, model)
         with torch.no_grad(), hardware.autocast(device, precision):
             maps = split.bottom.eval()(ready)
-        mode = "infer" if mode == "infer-maps" else "train"
 
     def batch() -> torch.Tensor:
-        if maps is not None and mode == "train":  # stored maps: a batch is rows, then a shift
+        if maps is not None and step_mode == "train":  # stored maps: a batch is rows, then a shift
             return translate(maps, gen, map_shift(maps.shape[-1])).contiguous(
                 memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         if input == "model":
             return ready
         idx = batch_indices(len(pool), batch_size, True, gen)[0].to(device, non_blocking=True)
-        images = augment(pool[idx], "crop-flip" if mode == "train" else "none", gen)
+        images = augment(pool[idx], "crop-flip" if step_mode == "train" else "none", gen)
         return to_model_input(images, resolution, spec.mean, spec.std, channels_last)
 
     def step() -> None:
         x = batch()
-        if mode == "train":
+        if step_mode == "train":
             forward.train()
             with hardware.autocast(device, precision):
                 loss = F.cross_entropy(forward(x).float(), labels)
@@ -152,16 +152,18 @@ def run_bench(
     inputs: tuple[str, ...] = ("pipeline",),
     compiles: tuple[bool, ...] = (False,),
     weights: str = "none",
+    freeze: str = "none",
 ) -> list[dict]:
-    """Measure every combination; print each row as it lands."""
+    """Measure every combination (each with `freeze`); print each row as it lands."""
     device = hardware.pick_device(device_name)
     rows = []
     grid = itertools.product(backbones, resolutions, precisions, modes, memory_formats, inputs, compiles)
     for b, r, p, m, fmt, inp, comp in grid:
-        cell = measure(b, r, p, m, batch_size, seconds, device, fmt == "channels_last", inp, comp, weights)
+        cell = measure(b, r, p, m, batch_size, seconds, device, fmt == "channels_last", inp, comp, weights,
+                       freeze)
         rows.append(asdict(cell))
         print(
-            f"{b:20s} {r:4d}px {p:5s} {m:6s} {fmt:13s} {inp:8s} {'compiled' if comp else 'eager':8s} "
+            f"{b:20s} {r:4d}px {p:5s} {m:10s} {fmt:13s} {inp:8s} {'compiled' if comp else 'eager':8s} "
             f"bs {batch_size:3d}: "
             f"{cell.img_per_s:9.2f} img/s "
             f"({cell.steps} steps, {cell.seconds:.1f}s)",

@@ -15,7 +15,6 @@ No torch here: the planner takes numbers and returns numbers; measure.py measure
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -24,62 +23,15 @@ from dataclasses import dataclass, field
 from cifar_transfer.config import Config, PhaseConfig
 from cifar_transfer.data.splits import split_sizes
 from cifar_transfer.system.errors import UserError
+from cifar_transfer.training.priors import PRIORS, Prior
 
 FREEZE = {"full": "none", "partial": "from-layer:100"}  # fine-tuning kind -> phase freeze
+# "cached": cached partial fine-tuning (phases.N.cache_frozen): the candidate's `cut` frozen, its
+# output stored once per image and mirror image, the top trained on the maps.
+MAP_VAL_SPEEDUP = 3.0  # a top's inference on stored val maps vs its training step (fwd ~ 1/3)
 MIN_EPOCHS = 0.25  # less fine-tuning than this is not planned: the probe alone is kept
 MARGIN = 0.03  # of the budget, kept free for pace drift (the run re-plans as it goes)
 PROBE_FIT_S = 40.0 / 45_000  # L-BFGS sweep seconds per training image (Lite0, 5 penalties)
-
-
-def _scale(table: tuple[tuple[int, float], ...], resolution: int) -> float:
-    """`table`'s factor at `resolution`: log-log interpolation between its measured resolutions,
-    the nearest segment's slope beyond them."""
-    points = sorted(table)
-    if len(points) == 1:
-        return points[0][1]
-    for (r0, f0), (r1, f1) in itertools.pairwise(points):
-        if resolution <= r1:
-            break
-    return f0 * (resolution / r0) ** (math.log(f1 / f0) / math.log(r1 / r0))
-
-
-@dataclass(frozen=True)
-class Prior:
-    """Expected validation error (%) of a plan, before any run: err = e1 * epochs^-alpha for
-    fine-tuning from the probe's head at 128 px, times the resolution's factor (res_factor); the
-    probe's own error at 128 px times probe_res_factor.
-
-    Fitted to EfficientNet-Lite0's measured runs (BENCHMARKS.md): the probe 87.56% at 128 px,
-    89.94% at 160 px and 91.04% at 224 px; full fine-tuning (`fast-cpu`, 128 px, cosine) 94.98%
-    after 3 epochs and 95.36% after 4; partial (from-layer:100, cosine) at 128 px 92.90% after
-    1.39 epochs (`--budget 10m`) and 94.70% after 5 (`seed-from-layer-100`); at 160 px 95.54%
-    after 5, 94.82% after 2.09 (`--budget 20m`) and 95.78% after 7.58 (`--budget 60m`), error
-    0.80-0.88x of 128 px's; at 224 px 95.90% after 3.57 (`--budget 60m`) and 94.16% after 1
-    (`--budget 20m`), 0.72-0.76x. The gain per step of resolution shrinks toward Lite0's native
-    224 px, which one power law (tried: exponent 0.77 from 128/160, 0.62 over all) cannot hold.
-    They rank plans against each other; they are not a promise: plans within ~0.2 points are
-    a tie within one run's noise. Replace them with measured runs as they come.
-    """
-
-    probe_err: float = 12.44
-    full_e1: float = 6.75
-    full_alpha: float = 0.27
-    partial_e1: float = 7.65
-    partial_alpha: float = 0.23
-    res_factor: tuple[tuple[int, float], ...] = ((128, 1.0), (160, 0.84), (224, 0.74))
-    probe_res_factor: tuple[tuple[int, float], ...] = ((128, 1.0), (160, 0.809), (224, 0.720))
-
-    def accuracy(self, kind: str, epochs: float, resolution: int) -> float:
-        """Predicted validation accuracy (%) of the probe ("probe") or `epochs` of fine-tuning."""
-        err = self.probe_err * _scale(self.probe_res_factor, resolution)
-        if kind != "probe" and epochs > 0:
-            e1, alpha = (self.full_e1, self.full_alpha) if kind == "full" else (
-                self.partial_e1, self.partial_alpha)
-            err = min(err, e1 * epochs ** -alpha * _scale(self.res_factor, resolution))
-        return 100.0 - err
-
-
-PRIORS: dict[str, Prior] = {"default": Prior()}
 
 
 @dataclass(frozen=True)
@@ -91,7 +43,8 @@ class Candidate:
     train_batch: int = 32
     infer_batch: int = 64
     precisions: tuple[str, ...] = ("fp32", "bf16")
-    kinds: tuple[str, ...] = ("partial", "full")
+    kinds: tuple[str, ...] = ("partial", "full")  # and "cached" where the family has blocks
+    cut: str = "until:blocks4"  # the "cached" kind's freeze: what is run once and stored
 
 
 @dataclass(frozen=True)
@@ -118,7 +71,11 @@ def cells_needed(candidates: Sequence[Candidate]) -> list[Cell]:
         for r in c.resolutions:
             for p in c.precisions:
                 out.append(Cell(c.backbone, r, p, "infer", c.infer_batch))
-                out += [Cell(c.backbone, r, p, "train", c.train_batch, FREEZE[k]) for k in c.kinds]
+                out += [Cell(c.backbone, r, p, "train", c.train_batch, FREEZE[k]) for k in c.kinds
+                        if k != "cached"]
+                if "cached" in c.kinds:
+                    out += [Cell(c.backbone, r, p, "infer-maps", c.infer_batch, c.cut),
+                            Cell(c.backbone, r, p, "train-maps", c.train_batch, c.cut)]
     return out
 
 
@@ -169,6 +126,7 @@ class BudgetPlan:
     # After fine-tuning, flip TTA's one pass over the mirror validation images (run.tta): the
     # deadline leaves room for it. The prediction above is for the single view.
     tta_seconds: float = 0.0
+    maps_seconds: float = 0.0  # "cached": the frozen bottom run once over train, mirror and val
     throughputs: dict[str, float] = field(default_factory=dict)  # img/s by cell, as used
     alternatives: list[dict] = field(default_factory=list)  # the other plans considered
 
@@ -185,6 +143,11 @@ class BudgetPlan:
             (f"  probe: extract features ({self.probe_precision}) and fit the L-BFGS head, "
              f"~{format_seconds(self.probe_seconds)}"),
         ]
+        if self.maps_seconds:
+            out.append(
+                f"  store the frozen part's output ({self.finetune_freeze} run once per image and "
+                f"mirror image, {self.finetune_precision}), ~{format_seconds(self.maps_seconds)}"
+            )
         if self.kind != "probe":
             out.append(
                 f"  finetune ({self.kind}, freeze {self.finetune_freeze}): {self.epochs:.2f} epochs "
@@ -266,7 +229,9 @@ def plan_budget(
                 **base, kind="probe", finetune_precision="", finetune_freeze="", epochs=0.0,
                 epoch_seconds=0.0, predicted_seconds=overhead_s + probe_s,
                 predicted_val_acc=prior.accuracy("probe", 0, r), throughputs=used))
-            for kind in c.kinds:
+            if "cached" in c.kinds:
+                plans += _cached_plans(throughputs, c, r, n_train, n_val, left, tta, prior, base, used)
+            for kind in (k for k in c.kinds if k != "cached"):
                 train, train_speed = _fastest(throughputs, [
                     Cell(c.backbone, r, p, "train", c.train_batch, FREEZE[kind]) for p in c.precisions])
                 val_speed = throughputs.get(Cell(c.backbone, r, train.precision, "infer", c.infer_batch))
@@ -301,6 +266,35 @@ def plan_budget(
     return best
 
 
+def _cached_plans(throughputs: Mapping[Cell, float], c: Candidate, r: int, n_train: int, n_val: int,
+                  left: float, tta: bool, prior: Prior, base: dict, used: dict) -> list[BudgetPlan]:
+    """Cached partial plans at resolution r, one per measured precision (it rules both the one
+    extraction and the epochs): the bottom over train, mirror train and val, then cheap epochs."""
+    plans = []
+    for p in c.precisions:
+        infer = Cell(c.backbone, r, p, "infer-maps", c.infer_batch, c.cut)
+        train = Cell(c.backbone, r, p, "train-maps", c.train_batch, c.cut)
+        if throughputs.get(infer, 0) <= 0 or throughputs.get(train, 0) <= 0:
+            continue
+        maps_s = (2 * n_train + n_val) / throughputs[infer]
+        val_s = n_val / (MAP_VAL_SPEEDUP * throughputs[train])
+        epoch_s = n_train / throughputs[train] + val_s
+        # flip TTA after a cached phase scores the mirror images through the whole model
+        tta_s = n_val / throughputs[infer] * 1.5 if tta else 0.0
+        epochs = (left - maps_s - tta_s) / epoch_s
+        if epochs < MIN_EPOCHS:
+            continue
+        plans.append(BudgetPlan(
+            **base, kind="cached", finetune_precision=p, finetune_freeze=c.cut, epochs=epochs,
+            epoch_seconds=epoch_s, maps_seconds=maps_s,
+            predicted_seconds=base["overhead_seconds"] + base["probe_seconds"] + maps_s
+            + epochs * epoch_s + tta_s,
+            predicted_val_acc=prior.accuracy("cached", epochs, r),
+            throughputs={**used, infer.text(): throughputs[infer], train.text(): throughputs[train]},
+            tta_seconds=tta_s))
+    return plans
+
+
 STRETCH = 1.2  # a budgeted fine-tuning phase may run to this multiple of its planned epochs
 
 
@@ -317,6 +311,10 @@ def apply_plan(cfg: Config, plan: BudgetPlan, template: list[PhaseConfig]) -> Co
         cfg.model, backbone=plan.backbone, resolution=plan.resolution))
     probe = dataclasses.replace(probe_t, precision=plan.probe_precision, resolution=0)
     cfg.phases = [probe]
+    if plan.kind == "cached":  # stored maps: the template's crops become map translation
+        ops = ["crop" if op.startswith("rrc") else op for op in tune_t.augment]
+        tune_t = dataclasses.replace(tune_t, cache_frozen=True, mixup=0.0, cutmix=0.0, augment=[
+            op for i, op in enumerate(ops) if op in ("flip", "crop") and op not in ops[:i]])
     if plan.kind != "probe":
         # The cosine is planned for plan.epochs; the pacer may stretch it by up to a fifth when
         # the run is ahead of its plan (the probe took less time than priced, a faster pace).

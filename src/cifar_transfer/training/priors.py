@@ -1,0 +1,66 @@
+"""What `--budget` expects a plan to reach before any run: validation error as a power law of
+fine-tuning epochs, scaled by resolution, fitted to this project's measured runs (BENCHMARKS.md).
+The planner ranks plans by it; replace the numbers as measured runs come in.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+
+def _scale(table: tuple[tuple[int, float], ...], resolution: int) -> float:
+    """`table`'s factor at `resolution`: log-log interpolation between its measured resolutions,
+    the nearest segment's slope beyond them."""
+    points = sorted(table)
+    if len(points) == 1:
+        return points[0][1]
+    for (r0, f0), (r1, f1) in itertools.pairwise(points):
+        if resolution <= r1:
+            break
+    return f0 * (resolution / r0) ** (math.log(f1 / f0) / math.log(r1 / r0))
+
+
+@dataclass(frozen=True)
+class Prior:
+    """Expected validation error (%) of a plan, before any run: err = e1 * epochs^-alpha for
+    fine-tuning from the probe's head at 128 px, times the resolution's factor (res_factor); the
+    probe's own error at 128 px times probe_res_factor.
+
+    Fitted to EfficientNet-Lite0's measured runs (BENCHMARKS.md): the probe 87.56% at 128 px,
+    89.94% at 160 px and 91.04% at 224 px; full fine-tuning (`fast-cpu`, 128 px, cosine) 94.98%
+    after 3 epochs and 95.36% after 4; partial (from-layer:100, cosine) at 128 px 92.90% after
+    1.39 epochs (`--budget 10m`) and 94.70% after 5 (`seed-from-layer-100`); at 160 px 95.54%
+    after 5, 94.82% after 2.09 (`--budget 20m`) and 95.78% after 7.58 (`--budget 60m`), error
+    0.80-0.88x of 128 px's; at 224 px 95.90% after 3.57 (`--budget 60m`) and 94.16% after 1
+    (`--budget 20m`), 0.72-0.76x. The gain per step of resolution shrinks toward Lite0's native
+    224 px, which one power law (tried: exponent 0.77 from 128/160, 0.62 over all) cannot hold.
+    They rank plans against each other; they are not a promise: plans within ~0.2 points are
+    a tie within one run's noise. Replace them with measured runs as they come.
+    """
+
+    probe_err: float = 12.44
+    full_e1: float = 6.75
+    full_alpha: float = 0.27
+    partial_e1: float = 7.65
+    partial_alpha: float = 0.23
+    res_factor: tuple[tuple[int, float], ...] = ((128, 1.0), (160, 0.84), (224, 0.74))
+    probe_res_factor: tuple[tuple[int, float], ...] = ((128, 1.0), (160, 0.809), (224, 0.720))
+
+    # "cached" (cached partial fine-tuning, until:blocks4 on Lite): see CACHED below
+    cached_e1: float = 9.0
+    cached_alpha: float = 0.2
+
+    def accuracy(self, kind: str, epochs: float, resolution: int) -> float:
+        """Predicted validation accuracy (%) of the probe ("probe") or `epochs` of fine-tuning."""
+        err = self.probe_err * _scale(self.probe_res_factor, resolution)
+        if kind != "probe" and epochs > 0:
+            e1, alpha = {"full": (self.full_e1, self.full_alpha),
+                         "cached": (self.cached_e1, self.cached_alpha)}.get(
+                kind, (self.partial_e1, self.partial_alpha))
+            err = min(err, e1 * epochs ** -alpha * _scale(self.res_factor, resolution))
+        return 100.0 - err
+
+
+PRIORS: dict[str, Prior] = {"default": Prior()}
