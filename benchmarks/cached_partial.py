@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cifar_transfer.artifacts import rundir
 from cifar_transfer.recipes import apply_overrides, load_recipe
+from cifar_transfer.system.allocator import keep_freed_memory
 from cifar_transfer.training.run import train
 
 
@@ -66,6 +67,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="more KEY=VALUE for both runs")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
+    keep_freed_memory()  # as the cifar-transfer command does
     runs = [one_run(args, cached) for cached in (False, True)
             if args.only is None or args.only == ("cached" if cached else "uncached")]
     result = {"args": vars(args), "runs": runs}

@@ -71,9 +71,10 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
     finish = now + dt.timedelta(seconds=plan.predicted_seconds - (time.monotonic() - t_start))
     lines = plan.lines()
     if folder and plan.kind != "probe":
+        tuned = cfg.phases[-1]  # a cached plan keeps the ops that work on stored maps
         lines.insert(2, f"  fine-tuning for photos ({recipe}'s {tune.name!r} phase): augment "
-                        f"{','.join(tune.augment)}, layer_decay {tune.layer_decay:g}, label "
-                        f"smoothing {tune.label_smoothing:g}; the probe's bundle stays unless it "
+                        f"{','.join(tuned.augment)}, layer_decay {tuned.layer_decay:g}, label "
+                        f"smoothing {tuned.label_smoothing:g}; the probe's bundle stays unless it "
                         f"validates better")
     for line in lines + (plan.alternative_lines() if args.plan_only else []):
         print(line, flush=True)

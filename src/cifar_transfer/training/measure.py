@@ -24,7 +24,8 @@ import torch
 from cifar_transfer.config import Config
 from cifar_transfer.data.cifar10 import default_cache_dir
 from cifar_transfer.data.datasets import split_counts
-from cifar_transfer.models.backbones import get_spec
+from cifar_transfer.models.backbones import family_of, get_spec
+from cifar_transfer.models.families import BackboneFamily
 from cifar_transfer.system import hardware
 from cifar_transfer.system.atomic import atomic_write_json
 from cifar_transfer.training import distributed
@@ -161,9 +162,15 @@ def auto_precision(device: torch.device, backbone: str, resolution: int, mode: s
 # on a GPU. A recipe's own backbone and resolution replace these. Lite0 up to its native 224 px:
 # a long budget buys resolution rather than more epochs (at 160 px the curve is flat after ~4
 # epochs, BENCHMARKS.md); measuring the two larger sizes costs ~20 s of a cold start.
-CPU_CANDIDATE = Candidate("efficientnet_lite0", (128, 160, 192, 224), train_batch=32, infer_batch=64)
+CPU_CANDIDATE = Candidate("efficientnet_lite0", (128, 160, 192, 224), train_batch=32, infer_batch=64,
+                          kinds=("partial", "full", "cached"))
 GPU_CANDIDATE = Candidate("resnet50", (160, 224), train_batch=128, infer_batch=256)
 OVERHEAD_S = {"cpu": 20.0, "cuda": 30.0}  # data load, model build, bundle (outside the phases)
+
+
+def has_blocks(spec) -> bool:
+    """Whether the backbone's family can be cut into blocks (cached partial fine-tuning)."""
+    return type(family_of(spec)).blocks is not BackboneFamily.blocks
 
 
 def candidates_for(cfg: Config, device: torch.device, from_recipe: bool) -> list[Candidate]:
@@ -176,8 +183,12 @@ def candidates_for(cfg: Config, device: torch.device, from_recipe: bool) -> list
     res = cfg.model.resolution or get_spec(cfg.model.backbone).resolution
     batches = [p.batch_size for p in cfg.phases if p.epochs and not p.uses_cache(cfg.run.feature_cache)]
     train_batch = batches[0] if batches else (128 if gpu else 32)
+    spec = get_spec(cfg.model.backbone)
+    # Cached partial: the last two stages and the head train (Lite: blocks5-6, ResNet: layer4).
+    cut = next((f"until:{s}" for s in ("blocks4", "layer3") if s in spec.stages), None)
+    kinds = ("partial", "full") + (("cached",) if not gpu and cut and has_blocks(spec) else ())
     return [Candidate(cfg.model.backbone, (res,), train_batch, min(cfg.run.eval_batch_size, 256),
-                      precisions)]
+                      precisions, kinds, cut or "until:blocks4")]
 
 
 def plan_this_machine(cfg: Config, budget_s: float, device: torch.device, from_recipe: bool,
