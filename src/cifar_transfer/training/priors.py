@@ -48,9 +48,14 @@ class Prior:
     res_factor: tuple[tuple[int, float], ...] = ((128, 1.0), (160, 0.84), (224, 0.74))
     probe_res_factor: tuple[tuple[int, float], ...] = ((128, 1.0), (160, 0.809), (224, 0.720))
 
-    # "cached" (cached partial fine-tuning, until:blocks4 on Lite): see CACHED below
-    cached_e1: float = 9.0
-    cached_alpha: float = 0.2
+    # "cached" (cached partial fine-tuning, until:blocks4 on Lite): no full run of it measured
+    # yet, so it takes the partial curve. Lite0's from-layer:100 cuts at blocks.4.1, two blocks
+    # below until:blocks4; on 10,000 CIFAR-10 images at 160 px, 3 epochs, the cached phase
+    # validated 0.8840 / 0.9012 / 0.9006 against the same cut uncached at 0.8806 / 0.8978 /
+    # 0.8970 (BENCHMARKS.md, "Cached partial fine-tuning"): map-level augmentation costs nothing
+    # measurable there. What it buys in a plan is epochs: ~2x cheaper ones after one extraction.
+    cached_e1: float = 7.65
+    cached_alpha: float = 0.23
 
     def accuracy(self, kind: str, epochs: float, resolution: int) -> float:
         """Predicted validation accuracy (%) of the probe ("probe") or `epochs` of fine-tuning."""
