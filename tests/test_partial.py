@@ -250,3 +250,33 @@ def test_the_budget_planner_prices_cached_partial_plans_and_applies_them():
     assert tune.cache_frozen and tune.freeze == "until:blocks4"
     assert tune.augment == ["crop", "flip"]  # rrc -> translation on the maps; trivial needs pixels
     assert tune.layer_decay == photo.phases[-1].layer_decay
+
+
+def test_cached_plans_whose_maps_do_not_fit_memory_are_not_planned(monkeypatch):
+    from cifar_transfer.data import folder
+    from cifar_transfer.training import budget, measure
+
+    lite = budget.Candidate("efficientnet_lite0", (160,), kinds=("partial", "cached"), precisions=("fp32",))
+    assert measure.maps_fit(lite, 160, "fp32", 45_000, 5_000)  # ~4.3 GB of 112x10x10 fp32 maps
+    monkeypatch.setattr(folder, "available_memory", lambda: 2 * 2**30)
+    assert not measure.maps_fit(lite, 160, "fp32", 45_000, 5_000)
+    assert measure.maps_fit(lite, 160, "bf16", 4_500, 500)
+    tput = {budget.Cell("efficientnet_lite0", 160, "fp32", "infer", 64): 300.0,
+            budget.Cell("efficientnet_lite0", 160, "fp32", "train", 32, "from-layer:100"): 100.0,
+            budget.Cell("efficientnet_lite0", 160, "fp32", "infer-maps", 64, "until:blocks4"): 400.0,
+            budget.Cell("efficientnet_lite0", 160, "fp32", "train-maps", 32, "until:blocks4"): 250.0}
+    plan = budget.plan_budget(tput, 3600, 45_000, 5_000, [lite], overhead_s=20,
+                              maps_fit=lambda c, r, p: False)
+    assert "cached" not in {plan.kind, *(a["kind"] for a in plan.alternatives)}
+
+
+def test_a_recipes_predicted_time_prices_one_extraction_and_epochs_on_maps():
+    from cifar_transfer.training import budget
+
+    cfg = apply_overrides(load_recipe("fast-cpu"), [
+        "phases.0.epochs=0", "phases.1.freeze=until:blocks4", "phases.1.cache_frozen=true",
+        "phases.1.epochs=2", "phases.1.augment=crop,flip"])  # fmt: skip
+    speeds = {"infer": 100.0, "infer-maps": 500.0, "train-maps": 250.0, "train": 50.0}
+    total = budget.recipe_seconds(cfg, lambda cell: speeds[cell.mode], 224)
+    n_train, n_val = 45_000, 5_000
+    assert total == pytest.approx((2 * n_train + n_val) / 500 + 2 * (n_train + n_val / 3) / 250)

@@ -184,8 +184,12 @@ def plan_budget(
     throughputs: Mapping[Cell, float], budget_s: float, n_train: int, n_val: int,
     candidates: Sequence[Candidate], overhead_s: float = 0.0,
     priors: Mapping[str, Prior] | None = None, tta: bool = False,
+    maps_fit: Callable[[Candidate, int, str], bool] | None = None,
 ) -> BudgetPlan:
     """The plan with the best predicted validation accuracy that fits `budget_s` seconds.
+
+    `maps_fit(candidate, resolution, precision)`: whether a cached plan's stored maps fit this
+    machine's memory (measure.py asks the model's shapes); None: assumed to.
 
     `throughputs` are images per second by Cell (cells_needed lists them); `overhead_s` is what
     the run spends outside the phases (data load, model build, bundle); `tta`: after fine-tuning
@@ -230,7 +234,9 @@ def plan_budget(
                 epoch_seconds=0.0, predicted_seconds=overhead_s + probe_s,
                 predicted_val_acc=prior.accuracy("probe", 0, r), throughputs=used))
             if "cached" in c.kinds:
-                plans += _cached_plans(throughputs, c, r, n_train, n_val, left, tta, prior, base, used)
+                plans += [p for p in _cached_plans(throughputs, c, r, n_train, n_val, left, tta,
+                                                   prior, base, used)
+                          if maps_fit is None or maps_fit(c, r, p.finetune_precision)]
             for kind in (k for k in c.kinds if k != "cached"):
                 train, train_speed = _fastest(throughputs, [
                     Cell(c.backbone, r, p, "train", c.train_batch, FREEZE[kind]) for p in c.precisions])
@@ -373,7 +379,13 @@ def recipe_seconds(cfg: Config, speed: Callable[[Cell], float], native: int,
                 total += (n_train * (2 if p.cached_flips else 1) + n_val) / infer
             total += PROBE_FIT_S * n_train * (len(p.l2_values) / 5 if p.optimizer == "lbfgs" else 0.1)
             continue
-        train = speed(Cell(cfg.model.backbone, res, precision, "train", p.batch_size, p.freeze))
         epochs = min(p.epochs, p.schedule_epochs or p.epochs)  # a schedule ends the phase
+        if p.caches_maps(cfg.run.feature_cache):  # one extraction, then epochs on stored maps
+            maps = (n_train * (2 if "flip" in p.augment else 1) + n_val) / speed(
+                Cell(cfg.model.backbone, res, precision, "infer-maps", cfg.run.eval_batch_size, p.freeze))
+            train = speed(Cell(cfg.model.backbone, res, precision, "train-maps", p.batch_size, p.freeze))
+            total += maps + epochs * (n_train + n_val / MAP_VAL_SPEEDUP) / train
+            continue
+        train = speed(Cell(cfg.model.backbone, res, precision, "train", p.batch_size, p.freeze))
         total += epochs * (n_train / train + n_val / infer)
     return total

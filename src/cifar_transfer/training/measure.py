@@ -10,6 +10,7 @@ pass `fresh`, to measure again, e.g. after changing torch or what else runs on t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -168,6 +169,29 @@ GPU_CANDIDATE = Candidate("resnet50", (160, 224), train_batch=128, infer_batch=2
 OVERHEAD_S = {"cpu": 20.0, "cuda": 30.0}  # data load, model build, bundle (outside the phases)
 
 
+def maps_fit(c: Candidate, resolution: int, precision: str, n_train: int, n_val: int) -> bool:
+    """Whether a cached plan's maps (train, mirror train, val) fit the memory check the run makes
+    (training/partial.py); the map's shape comes from the model built on the meta device."""
+    from cifar_transfer.data.folder import MEMORY_SHARE, available_memory
+
+    need = (2 * n_train + n_val) * _map_values(c.backbone, c.cut, resolution) * (
+        2 if precision == "bf16" else 4)
+    have = available_memory()
+    return not have or need <= MEMORY_SHARE * have
+
+
+@functools.cache
+def _map_values(backbone: str, cut: str, resolution: int) -> int:
+    """Values in one stored map of `backbone` cut at `cut` (shapes only: the meta device)."""
+    from cifar_transfer.models.split import frozen_split
+    from cifar_transfer.models.transfer import apply_freeze, create_model
+
+    with torch.device("meta"):
+        model = create_model(backbone, "none", "linear")
+        apply_freeze(model, cut)
+        return frozen_split(model).bottom.eval()(torch.empty(1, 3, resolution, resolution))[0].numel()
+
+
 def has_blocks(spec) -> bool:
     """Whether the backbone's family can be cut into blocks (cached partial fine-tuning)."""
     return type(family_of(spec)).blocks is not BackboneFamily.blocks
@@ -211,7 +235,7 @@ def plan_this_machine(cfg: Config, budget_s: float, device: torch.device, from_r
     n_train, n_val = split_counts(cfg)
     overhead = OVERHEAD_S.get(device.type, 20.0) * min(1.0, (n_train + n_val) / 50_000) + spent_s
     plan = plan_budget(speeds, budget_s, n_train, n_val, candidates, overhead_s=overhead,
-                       tta=cfg.run.tta != "off")
+                       tta=cfg.run.tta != "off", maps_fit=lambda c, r, p: maps_fit(c, r, p, n_train, n_val))
     return plan, {c.text(): v for c, v in speeds.items()}
 
 
