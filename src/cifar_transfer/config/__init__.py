@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from cifar_transfer.config.augment import augment_ops
+from cifar_transfer.config.augment import MAP_OPS, augment_ops
 from cifar_transfer.system.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "lbfgs")
@@ -362,9 +362,9 @@ def validate(cfg: Config) -> None:
             f"needs a freeze that leaves the top training (until:<stage>, from-layer:N), not {p.freeze!r}",
         )
         _check(
-            not p.cache_frozen or all(op in ("flip", "crop") for op in p.augment),
+            not p.cache_frozen or all(op in MAP_OPS for op in p.augment),
             f"bad value for {k}.augment: with cache_frozen the top trains on stored maps, where only "
-            f"flip and crop apply, not {', '.join(op for op in p.augment if op not in ('flip', 'crop'))}",
+            f"{' and '.join(MAP_OPS)} apply, not {', '.join(op for op in p.augment if op not in MAP_OPS)}",
         )
         _check(
             p.precision in ("",) + PRECISIONS,

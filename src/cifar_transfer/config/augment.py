@@ -14,6 +14,8 @@ from cifar_transfer.system.errors import UserError
 # for an op without a range. Guide: docs/guides/augmentation.md.
 AUGMENT_OPS = {"flip": None, "crop": None, "rrc": "0.08-1", "trivial": None, "randaugment": "2-9",
                "jpeg": "50-95"}
+# The ops a cached partial phase (phases.N.cache_frozen) runs on stored maps, not on pixels.
+MAP_OPS = ("flip", "crop")
 
 
 # "op:A-B" -> (its form, the test A and B pass, whole numbers only)

@@ -219,11 +219,19 @@ def available_memory() -> int:
         return 0
 
 
+def fits_memory(need: int, have: int | None = None) -> bool:
+    """Whether `need` bytes fit the share of the available memory (`have`, else measured now) a
+    resident tensor may take: decoded sets here, stored maps (training/partial.py), and the
+    budget's cached plans. Unknown memory: assumed to fit."""
+    have = available_memory() if have is None else have
+    return not have or need <= MEMORY_SHARE * have
+
+
 def check_memory(n: int, size: int, where: str) -> None:
     """Refuse, before decoding, a set whose uint8 tensor would not fit the memory available."""
     need = n * 3 * size * size
     have = available_memory()
-    if have and need > MEMORY_SHARE * have:
+    if not fits_memory(need, have):
         smaller = max(32, int(size * (MEMORY_SHARE * have / need) ** 0.5) // 16 * 16)
         raise UserError(
             f"decoding the {n:,} images of {where} at {size} px takes {need / 2**30:.1f} GiB, more "

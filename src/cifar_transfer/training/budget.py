@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cifar_transfer.config import Config, PhaseConfig
+from cifar_transfer.config.augment import MAP_OPS
 from cifar_transfer.data.splits import split_sizes
 from cifar_transfer.system.errors import UserError
 from cifar_transfer.training.priors import PRIORS, Prior
@@ -320,7 +321,7 @@ def apply_plan(cfg: Config, plan: BudgetPlan, template: list[PhaseConfig]) -> Co
     if plan.kind == "cached":  # stored maps: the template's crops become map translation
         ops = ["crop" if op.startswith("rrc") else op for op in tune_t.augment]
         tune_t = dataclasses.replace(tune_t, cache_frozen=True, mixup=0.0, cutmix=0.0, augment=[
-            op for i, op in enumerate(ops) if op in ("flip", "crop") and op not in ops[:i]])
+            op for i, op in enumerate(ops) if op in MAP_OPS and op not in ops[:i]])
     if plan.kind != "probe":
         # The cosine is planned for plan.epochs; the pacer may stretch it by up to a fifth when
         # the run is ahead of its plan (the probe took less time than priced, a faster pace).

@@ -175,12 +175,10 @@ OVERHEAD_S = {"cpu": 20.0, "cuda": 30.0}  # data load, model build, bundle (outs
 def maps_fit(c: Candidate, resolution: int, precision: str, n_train: int, n_val: int) -> bool:
     """Whether a cached plan's maps (train, mirror train, val) fit the memory check the run makes
     (training/partial.py); the map's shape comes from the model built on the meta device."""
-    from cifar_transfer.data.folder import MEMORY_SHARE, available_memory
+    from cifar_transfer.data.folder import fits_memory
 
-    need = (2 * n_train + n_val) * _map_values(c.backbone, c.cut, resolution) * (
-        2 if precision == "bf16" else 4)
-    have = available_memory()
-    return not have or need <= MEMORY_SHARE * have
+    return fits_memory((2 * n_train + n_val) * _map_values(c.backbone, c.cut, resolution) * (
+        2 if precision == "bf16" else 4))
 
 
 @functools.cache

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from cifar_transfer.config.augment import MAP_OPS
 from cifar_transfer.data.augment import map_shift, translate
 from cifar_transfer.data.cifar10 import default_cache_dir
-from cifar_transfer.data.datasets import class_weights, fingerprint
-from cifar_transfer.data.folder import MEMORY_SHARE, available_memory
+from cifar_transfer.data.datasets import fingerprint
+from cifar_transfer.data.folder import available_memory, fits_memory
 from cifar_transfer.data.mixing import Mixed, mix
 from cifar_transfer.data.transforms import to_model_input
 from cifar_transfer.models.split import Split, TopModel, frozen_split
@@ -31,8 +32,6 @@ from cifar_transfer.training.core import RunCore
 from cifar_transfer.training.features import cached_features, weights_fingerprint
 from cifar_transfer.training.loop import PhaseInputs
 from cifar_transfer.training.plan import PhasePlan
-
-MAP_OPS = ("flip", "crop")  # what a cached phase can do on maps; every other op needs the images
 
 
 @dataclass
@@ -101,7 +100,7 @@ def check_map_memory(n: int, shape: tuple[int, ...], dtype: torch.dtype, where: 
     """Refuse, before extracting, maps that would not fit the memory available."""
     need = n * torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
     have = available_memory()
-    if have and need > MEMORY_SHARE * have:
+    if not fits_memory(need, have):
         raise UserError(
             f"storing the frozen part's output for {where} takes {need / 2**30:.1f} GiB ({n:,} maps "
             f"of {'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}), more than the "
@@ -110,8 +109,8 @@ def check_map_memory(n: int, shape: tuple[int, ...], dtype: torch.dtype, where: 
         )
 
 
-def frozen_maps(run: RunCore, plan: PhasePlan, split: Split) -> tuple[list[torch.Tensor], float]:
-    """[train maps, mirror train maps or None, val maps] from the cache or extracted now; seconds.
+def frozen_maps(run: RunCore, plan: PhasePlan, split: Split) -> list[torch.Tensor | None]:
+    """[train maps, mirror train maps or None, val maps] from the cache or extracted now.
 
     Val maps are extracted eagerly (as `evaluate` runs the bundle); rank 0 extracts under torchrun
     while the others wait, then they read the cache.
@@ -124,7 +123,7 @@ def frozen_maps(run: RunCore, plan: PhasePlan, split: Split) -> tuple[list[torch
     check_map_memory(len(d.train_x) * (2 if mirror else 1) + len(d.val_x), shape, dtype,
                      f"phase {plan.phase.name!r}")  # fmt: skip
     bottom_fp = weights_fingerprint(split.bottom)
-    out, seconds = [], 0.0
+    out: list[torch.Tensor | None] = []
     with distributed.main_first():
         for name, x, y in sets:
             if x is None:
@@ -138,25 +137,24 @@ def frozen_maps(run: RunCore, plan: PhasePlan, split: Split) -> tuple[list[torch
                                     cfg.run.eval_batch_size, cfg.run.channels_last,
                                     f"{name} maps ({split.name} on)", run.log.console)  # fmt: skip
 
-            maps, s = cached_features(default_cache_dir() / "maps", key, x, extract, shape=shape)
+            maps, _ = cached_features(default_cache_dir() / "maps", key, x, extract, shape=shape)
             if cfg.run.channels_last:
                 maps = maps.contiguous(memory_format=torch.channels_last)
             out.append(maps)
-            seconds += s
-    return out, seconds
+    return out
 
 
-def map_inputs(run: RunCore, plan: PhasePlan) -> MapInputs:
-    """The cached partial phase's inputs (apply_freeze has run): the model cut at its frozen part."""
-    bad = [op for op in plan.phase.augment if op.partition(":")[0] not in MAP_OPS]
+def map_inputs(run: RunCore, plan: PhasePlan, weights: torch.Tensor | None = None) -> MapInputs:
+    """The cached partial phase's inputs (apply_freeze has run): the model cut at its frozen part;
+    `weights` the loss weight per class (data.class_weights = "auto"), as phase_inputs makes them."""
+    bad = [op for op in plan.phase.augment if op not in MAP_OPS]
     if bad:  # config validation says so too; a PhaseConfig built in code lands here
         raise UserError(f"phase {plan.phase.name!r}: cache_frozen trains on stored maps, where only "
                         f"{' and '.join(MAP_OPS)} apply, not {', '.join(bad)}")
     split = frozen_split(run.model)
     t0 = time.perf_counter()
-    (train, mirror, val), _ = frozen_maps(run, plan, split)
+    train, mirror, val = frozen_maps(run, plan, split)
     d, spec = run.data, run.model.spec
-    weights = class_weights(d.train_y, len(d.classes)) if run.cfg.data.class_weights == "auto" else None
     run.log.say(f"{plan.phase.name}: the frozen {split.at} of {split.blocks} blocks run once per image; "
                 f"training {split.name} on, on stored {'x'.join(map(str, train.shape[1:]))} maps")
     return MapInputs(

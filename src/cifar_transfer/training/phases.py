@@ -181,15 +181,15 @@ def frozen_features(
 
 def phase_inputs(run: RunCore, plan: PhasePlan) -> PhaseInputs:
     """The phase's training and validation inputs: raw images, cached features or stored maps."""
-    if plan.maps:
-        return partial.map_inputs(run, plan)
     d, spec = run.data, run.model.spec
-    tensors, seconds = (d.train_x, d.train_y, d.val_x), 0.0
-    if plan.cached:
-        *tensors, seconds = frozen_features(run, plan)
     weights = None
     if run.cfg.data.class_weights == "auto":
         weights = class_weights(d.train_y, len(d.classes))
+    if plan.maps:
+        return partial.map_inputs(run, plan, weights)
+    tensors, seconds = (d.train_x, d.train_y, d.val_x), 0.0
+    if plan.cached:
+        *tensors, seconds = frozen_features(run, plan)
     return PhaseInputs(
         *tensors, d.val_y, plan.cached, plan.resolution, spec.mean, spec.std,
         plan.phase.augment, run.cfg.run.channels_last, seconds, weights,
