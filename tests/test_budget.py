@@ -109,6 +109,62 @@ def test_a_recorded_compiled_extraction_prices_the_probe_and_leaves_the_rest_to_
     assert warm.epochs > cold.epochs and fast.text() in warm.throughputs
 
 
+def cached_speeds(infer: dict[str, float], maps: dict[str, float], train: dict[str, float]) -> dict:
+    """Made-up throughputs for Lite0's cached kind at 160 px, by precision."""
+    out = {}
+    for p, speed in infer.items():
+        out[Cell("efficientnet_lite0", 160, p, "infer", 64)] = speed
+        out[Cell("efficientnet_lite0", 160, p, "infer-maps", 64, "until:blocks4")] = maps[p]
+        out[Cell("efficientnet_lite0", 160, p, "train-maps", 32, "until:blocks4")] = train[p]
+    return out
+
+
+def test_a_cached_plans_probe_on_the_stored_maps_is_priced_as_the_rest_of_the_backbone():
+    cached = Candidate("efficientnet_lite0", (160,), kinds=("cached",), precisions=("fp32",))
+    tput = cached_speeds({"fp32": 300.0}, {"fp32": 400.0}, {"fp32": 250.0})
+    got = plan_budget(tput, 3600, 45_000, 5_000, [cached], overhead_s=20)
+    top_s = 1 / 300 - 1 / 400  # the whole backbone's seconds per image less the frozen part's
+    fit_s = budget.PROBE_FIT_S * 45_000
+    assert got.kind == "cached" and got.probe_from_maps and got.probe_precision == "fp32"
+    assert got.probe_seconds == pytest.approx(top_s * 50_000 + fit_s)
+    assert got.predicted_seconds == pytest.approx(
+        20 + got.probe_seconds + got.maps_seconds + got.epochs * got.epoch_seconds)
+    lines = got.lines()
+    maps_at = next(i for i, line in enumerate(lines) if "store the frozen part's output" in line)
+    assert "probe: features from those maps" in lines[maps_at + 1]  # the maps first, then the probe
+    # a probe with cached_flips takes the mirror maps too
+    flips = plan_budget(tput, 3600, 45_000, 5_000, [cached], overhead_s=20, probe_flips=True)
+    assert flips.probe_seconds == pytest.approx(top_s * 95_000 + fit_s)
+    # a whole-backbone cell measured no faster than the frozen part's (noise): the floor
+    noisy = plan_budget({**tput, Cell("efficientnet_lite0", 160, "fp32", "infer", 64): 390.0}, 3600,
+                        45_000, 5_000, [cached], overhead_s=20)  # fmt: skip
+    assert noisy.probe_seconds == pytest.approx(0.1 / 390 * 50_000 + fit_s)
+    # the run does what was priced: the probe at the phase's precision, inference at the cell's batch
+    fast_cpu = load_recipe("fast-cpu")
+    cfg = budget.apply_plan(fast_cpu, got, fast_cpu.phases)
+    assert [p.precision for p in cfg.phases] == ["fp32", "fp32"] and cfg.phases[1].cache_frozen
+    assert cfg.run.eval_batch_size == 64 and fast_cpu.run.eval_batch_size == 256
+
+
+@pytest.mark.parametrize("fp32_infer,from_maps", [(150.0, False), (220.0, True)])
+def test_a_cached_plan_keeps_the_cheaper_of_the_probe_on_the_maps_and_its_own_extraction(
+    fp32_infer, from_maps
+):
+    """bf16 extracts fastest but trains the top slowest: the probe alone would run in bf16, the
+    cached phase in fp32; on the maps the probe runs in fp32. The plan keeps the one that leaves
+    more epochs, and weighs the other."""
+    cached = Candidate("efficientnet_lite0", (160,), kinds=("cached",))
+    tput = cached_speeds({"fp32": fp32_infer, "bf16": 1000.0}, {"fp32": 250.0, "bf16": 1200.0},
+                         {"fp32": 250.0, "bf16": 50.0})  # fmt: skip
+    got = plan_budget(tput, 3600, 45_000, 5_000, [cached], overhead_s=20)
+    assert (got.kind, got.finetune_precision, got.probe_from_maps) == ("cached", "fp32", from_maps)
+    assert got.probe_precision == ("fp32" if from_maps else "bf16")
+    own = 45_000 / 1000 + 5_000 / 1000 + budget.PROBE_FIT_S * 45_000
+    on_maps = (1 / fp32_infer - 1 / 250) * 50_000 + budget.PROBE_FIT_S * 45_000
+    assert got.probe_seconds == pytest.approx(min(own, on_maps))
+    assert sum(a["kind"] == "cached" for a in got.alternatives) >= 1  # the other way was weighed
+
+
 def test_a_run_keeps_its_compiled_extraction_speed_for_the_next_plan(monkeypatch, tmp_path):
     monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path))
     cfg = apply_overrides(load_recipe("cnn-baseline"), ["data.data_dir=/nonexistent"])

@@ -4,9 +4,12 @@ cache re-extracts exactly when the frozen weights, the resolution or the images 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,14 +20,15 @@ from cifar_transfer.artifacts import rundir
 from cifar_transfer.cli import main
 from cifar_transfer.config import PhaseConfig
 from cifar_transfer.data.augment import map_shift, translate
-from cifar_transfer.models.split import TopModel, frozen_split
+from cifar_transfer.models.split import TopModel, frozen_split, split_as
 from cifar_transfer.models.transfer import apply_freeze, create_model
 from cifar_transfer.recipes import apply_overrides, load_recipe
 from cifar_transfer.system.errors import UserError
-from cifar_transfer.training import partial
+from cifar_transfer.training import partial, phases
 from cifar_transfer.training import run as train_mod
 from cifar_transfer.training.bench import measure
 from cifar_transfer.training.features import weights_fingerprint
+from cifar_transfer.training.plan import PhasePlan
 
 
 @pytest.mark.parametrize("backbone,freeze", [
@@ -280,3 +284,112 @@ def test_a_recipes_predicted_time_prices_one_extraction_and_epochs_on_maps():
     total = budget.recipe_seconds(cfg, lambda cell: speeds[cell.mode], 224)
     n_train, n_val = 45_000, 5_000
     assert total == pytest.approx((2 * n_train + n_val) / 500 + 2 * (n_train + n_val / 3) / 250)
+
+
+# ---- the probe takes its features from the stored maps
+
+
+def test_split_as_cuts_where_a_freeze_would_and_leaves_the_model_as_it_was():
+    model = create_model("resnet18", "none", "linear")
+    apply_freeze(model, "all")  # the probe's freeze
+    model.train()
+    before = ([p.requires_grad for p in model.parameters()], [m.training for m in model.modules()],
+              model.frozen_batchnorm)  # fmt: skip
+    split = split_as(model, "until:layer3")
+    assert (split.at, split.name) == (7, "layer4.0")  # stem, layer1-3's six blocks: then layer4
+    assert ([p.requires_grad for p in model.parameters()], [m.training for m in model.modules()],
+            model.frozen_batchnorm) == before  # fmt: skip
+
+
+def test_the_probe_takes_the_maps_of_the_next_phase_that_changes_the_backbone_when_they_match():
+    probe = PhaseConfig(name="probe", freeze="all", optimizer="lbfgs", augment=[])
+    tune = PhaseConfig(name="tune", freeze="until:blocks4", cache_frozen=True, augment=["crop", "flip"])
+
+    def found(*rows, flips=False):  # rows: (phase, resolution, precision) after the probe at 48/fp32
+        rows = ((dataclasses.replace(probe, cached_flips=flips), 48, "fp32"), *rows)
+        plans = [PhasePlan(i, ph, res, prec, ph.uses_cache(True), ph.caches_maps(True))
+                 for i, (ph, res, prec) in enumerate(rows)]  # fmt: skip
+        later = partial.maps_phase_for(SimpleNamespace(plans=plans), plans[0])
+        return None if later is None else later.phase.name
+
+    assert found((tune, 48, "fp32")) == "tune"
+    assert found((tune, 48, "bf16")) is None  # other numbers: the probe extracts its own
+    assert found((tune, 64, "fp32")) is None
+    head = PhaseConfig(name="head", freeze="all", augment=["flip"])  # trains the head only
+    full = PhaseConfig(name="full", freeze="none")
+    assert found((head, 48, "fp32"), (tune, 48, "fp32")) == "tune"
+    assert found((full, 48, "fp32"), (tune, 48, "fp32")) is None  # the backbone moves between
+    skipped = dataclasses.replace(full, epochs=0)
+    assert found((skipped, 48, "fp32"), (tune, 48, "fp32")) == "tune"
+    assert found((dataclasses.replace(tune, epochs=0), 48, "fp32")) is None
+    assert found((tune, 48, "fp32"), flips=True) == "tune"  # its mirror maps give the mirror rows
+    no_flip = dataclasses.replace(tune, augment=["crop"])
+    assert found((no_flip, 48, "fp32"), flips=True) is None and found((no_flip, 48, "fp32")) == "tune"
+
+
+def probe_then_cached(data_dir: Path, backbone: str, cut: str, *extra: str):
+    return cfg_for(data_dir, f"phases.1.freeze={cut}", "phases.1.epochs=1", *extra, backbone=backbone)
+
+
+@pytest.mark.parametrize("backbone,cut,flips", [
+    ("efficientnet_lite0", "until:blocks4", True), ("resnet18", "until:layer3", False),
+])  # fmt: skip
+def test_the_probe_on_the_stored_maps_equals_the_probe_on_the_images_bit_for_bit(
+    cifar_dir, tmp_path, monkeypatch, capsys, backbone, cut, flips
+):
+    """fp32: the same features (and cache entries), probe rows, bundle and evaluate's val_acc,
+    while the whole backbone never runs for the probe and the bottom runs once per image."""
+    cfg = functools.partial(probe_then_cached, cifar_dir, backbone, cut, f"phases.0.cached_flips={str(flips).lower()}")
+    whole, bottoms = [], []
+    real_extract, real_maps = phases.extract_features, partial.extract_maps
+    monkeypatch.setattr(phases, "extract_features",
+                        lambda model, images, **kw: whole.append(len(images)) or real_extract(model, images, **kw))
+    monkeypatch.setattr(partial, "extract_maps",
+                        lambda bottom, images, *a: bottoms.append(len(images)) or real_maps(bottom, images, *a))
+    runs = {}
+    for how in ("maps", "images"):
+        if how == "images":  # as before: the probe extracts its own features
+            monkeypatch.setattr(partial, "probe_maps", lambda run, plan: None)
+        monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / how / "cache"))
+        whole.clear()
+        bottoms.clear()
+        capsys.readouterr()
+        train_mod.train(cfg(), tmp_path / how / "run", progress=True)
+        said = capsys.readouterr().out
+        runs[how] = (len(whole), sorted(n for n in bottoms if n > 1), said)
+    n_train, n_val = 120, 60  # data.train_limit=120 training images, data.val_size=60
+    # the whole backbone ran only for the probe on the images: train (+ mirror) and val
+    assert runs["maps"][0] == 0 and runs["images"][0] == (3 if flips else 2)
+    # the bottom ran once per image and mirror image in either run: the cached phase read them back
+    assert runs["maps"][1] == runs["images"][1] == sorted([n_train, n_train, n_val])
+    assert "features from the maps stored for phase 'finetune'" in runs["maps"][2]
+    assert "features from the maps" not in runs["images"][2]
+
+    feats = {how: {f.name: load_file(f)["features"] for f in (tmp_path / how / "cache" / "features").glob("*")}
+             for how in runs}  # fmt: skip
+    assert feats["maps"].keys() == feats["images"].keys() and len(feats["maps"]) == (3 if flips else 2)
+    assert all(torch.equal(feats["maps"][k], feats["images"][k]) for k in feats["maps"])
+    rows = {how: rundir.read_metrics(tmp_path / how / "run") for how in runs}
+    probe = {how: [r for r in rows[how] if r["phase"] == 0] for how in runs}
+    assert probe["maps"][0]["features_from_maps"] is True and "features_from_maps" not in probe["images"][0]
+    assert [r["val_acc"] for r in probe["maps"]] == [r["val_acc"] for r in probe["images"]]
+    assert [r["val_acc"] for r in rows["maps"]] == [r["val_acc"] for r in rows["images"]]
+    a, b = (load_file(tmp_path / how / "run" / rundir.WEIGHTS) for how in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((tmp_path / "maps" / "run" / rundir.META).read_text())
+    assert main(["evaluate", str(tmp_path / "maps" / "run"), "--split", "val"]) == 0
+    assert json.loads((tmp_path / "maps" / "run" / "eval-val.json").read_text())["accuracy"] == info["val_acc"]
+
+
+def test_a_probe_at_another_precision_extracts_its_own_features(cifar_dir, tmp_path, monkeypatch):
+    cfg = probe_then_cached(cifar_dir, "resnet18", "until:layer3", "phases.0.precision=bf16")
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))
+    whole, real_extract = [], phases.extract_features
+    monkeypatch.setattr(phases, "extract_features",
+                        lambda model, images, **kw: whole.append(kw["precision"]) or real_extract(model, images, **kw))
+    run = train_mod.Run(cfg, tmp_path / "run", progress=False)
+    assert [p.precision for p in run.plans] == ["bf16", "fp32"] and run.plans[1].maps
+    run.run_plan(run.plans[0])
+    assert whole == ["bf16", "bf16"]  # train and val, through the whole backbone
+    assert "features_from_maps" not in run.log.rows[0]
+    assert not (tmp_path / "cache" / "maps").exists()  # the cached phase will store its own

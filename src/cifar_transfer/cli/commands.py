@@ -58,13 +58,15 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
         o.strip().startswith(("model.backbone", "model.resolution")) for o in overrides)
     hardware.set_threads(cfg.run.threads)
     device = hardware.pick_device(cfg.run.device)
-    plan, speeds = measure.plan_this_machine(cfg, budget_s, device, fixed, time.monotonic() - t_start)
     fast = load_recipe("fast-cpu").phases
+    probe_t = cfg.phases[0] if folder else fast[0]  # the probe the plan starts with
+    plan, speeds = measure.plan_this_machine(cfg, budget_s, device, fixed, time.monotonic() - t_start,
+                                             probe_flips=probe_t.cached_flips)  # fmt: skip
     # A folder's recipe brings its own fine-tuning settings, made for photos (small-folder's
     # skipped "finetune" phase); CIFAR runs take fast-cpu's.
     tune = cfg.phases[1] if folder and len(cfg.phases) > 1 else fast[1]
     recipe = cfg.recipe
-    cfg = budget.apply_plan(cfg, plan, [cfg.phases[0] if folder else fast[0], tune])
+    cfg = budget.apply_plan(cfg, plan, [probe_t, tune])
     cfg.recipe = f"{args.recipe}-budget" if args.recipe else "budget"
     cfg = apply_overrides(cfg, phase_sets)
     now = dt.datetime.now()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from cifar_transfer.models.backbones import family_of
-from cifar_transfer.models.transfer import TransferModel
+from cifar_transfer.models.transfer import TransferModel, apply_freeze
 from cifar_transfer.system.errors import UserError
 
 
@@ -60,6 +60,23 @@ def frozen_split(model: TransferModel) -> Split:
         )
     return Split(nn.Sequential(*(m for _, m in chain[:at])), nn.Sequential(*(m for _, m in chain[at:])),
                  at, chain[at][0], len(chain))
+
+
+def split_as(model: TransferModel, freeze: str) -> Split:
+    """frozen_split of the model as apply_freeze(freeze) would leave it, without leaving it so:
+    what trains, the frozen BatchNorm and every module's mode are as they were after."""
+    grads = [p.requires_grad for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
+    frozen_bn = model.frozen_batchnorm
+    try:
+        apply_freeze(model, freeze)
+        return frozen_split(model)
+    finally:
+        for p, grad in zip(model.parameters(), grads, strict=True):
+            p.requires_grad_(grad)
+        for m, mode in zip(model.modules(), modes, strict=True):
+            m.training = mode
+        model._frozen_bn = frozen_bn
 
 
 class TopModel(nn.Module):

@@ -21,15 +21,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cifar_transfer.config import Config, PhaseConfig
-from cifar_transfer.config.augment import MAP_OPS
 from cifar_transfer.data.splits import split_sizes
 from cifar_transfer.system.errors import UserError
+from cifar_transfer.training import cached_plan
 from cifar_transfer.training.priors import PRIORS, Prior
 
 FREEZE = {"full": "none", "partial": "from-layer:100"}  # fine-tuning kind -> phase freeze
 # "cached": cached partial fine-tuning (phases.N.cache_frozen): the candidate's `cut` frozen, its
-# output stored once per image and mirror image, the top trained on the maps.
-MAP_VAL_SPEEDUP = 3.0  # a top's inference on stored val maps vs its training step (fwd ~ 1/3)
+# output stored once per image and mirror image, the top trained on the maps (cached_plan.py).
 MIN_EPOCHS = 0.25  # less fine-tuning than this is not planned: the probe alone is kept
 MARGIN = 0.03  # of the budget, kept free for pace drift (the run re-plans as it goes)
 PROBE_FIT_S = 40.0 / 45_000  # L-BFGS sweep seconds per training image (Lite0, 5 penalties)
@@ -128,6 +127,8 @@ class BudgetPlan:
     # deadline leaves room for it. The prediction above is for the single view.
     tta_seconds: float = 0.0
     maps_seconds: float = 0.0  # "cached": the frozen bottom run once over train, mirror and val
+    probe_from_maps: bool = False  # "cached": the probe's features are the top on those maps
+    infer_batch: int = 0  # the batch the inference cells were measured at (run.eval_batch_size)
     throughputs: dict[str, float] = field(default_factory=dict)  # img/s by cell, as used
     alternatives: list[dict] = field(default_factory=list)  # the other plans considered
 
@@ -137,18 +138,20 @@ class BudgetPlan:
 
     def lines(self) -> list[str]:
         """The plan in words, one step a line."""
+        probe = (f"  probe: extract features ({self.probe_precision}) and fit the L-BFGS head, "
+                 f"~{format_seconds(self.probe_seconds)}")
+        maps = [(f"  store the frozen part's output ({self.finetune_freeze} run once per image and "
+                 f"mirror image, {self.finetune_precision}), ~{format_seconds(self.maps_seconds)}")
+                ] if self.maps_seconds else []  # fmt: skip
+        if self.probe_from_maps:  # first the maps, then the probe on them
+            probe = (f"  probe: features from those maps (the rest of the backbone run on them, "
+                     f"{self.probe_precision}) and the L-BFGS head, ~{format_seconds(self.probe_seconds)}")
         out = [
             (f"plan for a {format_seconds(self.budget_s)} budget: {self.backbone} at "
              f"{self.resolution} px, predicted val_acc ~{self.predicted_val_acc:.1f}% "
              f"in {format_seconds(self.predicted_seconds)}"),
-            (f"  probe: extract features ({self.probe_precision}) and fit the L-BFGS head, "
-             f"~{format_seconds(self.probe_seconds)}"),
+            *(maps + [probe] if self.probe_from_maps else [probe] + maps),
         ]
-        if self.maps_seconds:
-            out.append(
-                f"  store the frozen part's output ({self.finetune_freeze} run once per image and "
-                f"mirror image, {self.finetune_precision}), ~{format_seconds(self.maps_seconds)}"
-            )
         if self.kind != "probe":
             out.append(
                 f"  finetune ({self.kind}, freeze {self.finetune_freeze}): {self.epochs:.2f} epochs "
@@ -185,7 +188,7 @@ def plan_budget(
     throughputs: Mapping[Cell, float], budget_s: float, n_train: int, n_val: int,
     candidates: Sequence[Candidate], overhead_s: float = 0.0,
     priors: Mapping[str, Prior] | None = None, tta: bool = False,
-    maps_fit: Callable[[Candidate, int, str], bool] | None = None,
+    maps_fit: Callable[[Candidate, int, str], bool] | None = None, probe_flips: bool = False,
 ) -> BudgetPlan:
     """The plan with the best predicted validation accuracy that fits `budget_s` seconds.
 
@@ -194,7 +197,8 @@ def plan_budget(
 
     `throughputs` are images per second by Cell (cells_needed lists them); `overhead_s` is what
     the run spends outside the phases (data load, model build, bundle); `tta`: after fine-tuning
-    the run scores the mirror validation images once (run.tta), which the plan leaves time for.
+    the run scores the mirror validation images once (run.tta), which the plan leaves time for;
+    `probe_flips`: the probe takes each training image's mirror image too (cached_flips).
     A budget below the cheapest probe raises one UserError line saying what the probe needs.
     """
     priors = priors or PRIORS
@@ -206,7 +210,7 @@ def plan_budget(
     def extraction_s(infer: Cell) -> float:  # the probe's features: training, then val (eager)
         speed = throughputs[infer]
         key = (infer.backbone, infer.resolution, infer.precision)
-        return n_train / extracted.get(key, (infer, speed))[1] + n_val / speed
+        return n_train * (2 if probe_flips else 1) / extracted.get(key, (infer, speed))[1] + n_val / speed
 
     plans: list[BudgetPlan] = []
     cheapest = math.inf
@@ -225,7 +229,8 @@ def plan_budget(
                 continue
             base = {"budget_s": budget_s, "backbone": c.backbone, "resolution": r,
                     "probe_precision": infer.precision, "probe_seconds": probe_s,
-                    "train_batch": c.train_batch, "overhead_seconds": overhead_s}
+                    "train_batch": c.train_batch, "overhead_seconds": overhead_s,
+                    "infer_batch": c.infer_batch}
             used = {infer.text(): infer_speed}
             if (c.backbone, r, infer.precision) in extracted:
                 cell, speed = extracted[c.backbone, r, infer.precision]
@@ -235,8 +240,8 @@ def plan_budget(
                 epoch_seconds=0.0, predicted_seconds=overhead_s + probe_s,
                 predicted_val_acc=prior.accuracy("probe", 0, r), throughputs=used))
             if "cached" in c.kinds:
-                plans += [p for p in _cached_plans(throughputs, c, r, n_train, n_val, left, tta,
-                                                   prior, base, used)
+                plans += [p for p in _cached_plans(throughputs, c, r, n_train, n_val, left + probe_s,
+                                                   (tta, probe_flips), prior, base, used)
                           if maps_fit is None or maps_fit(c, r, p.finetune_precision)]
             for kind in (k for k in c.kinds if k != "cached"):
                 train, train_speed = _fastest(throughputs, [
@@ -274,31 +279,35 @@ def plan_budget(
 
 
 def _cached_plans(throughputs: Mapping[Cell, float], c: Candidate, r: int, n_train: int, n_val: int,
-                  left: float, tta: bool, prior: Prior, base: dict, used: dict) -> list[BudgetPlan]:
-    """Cached partial plans at resolution r, one per measured precision (it rules both the one
-    extraction and the epochs): the bottom over train, mirror train and val, then cheap epochs."""
+                  room: float, flags: tuple[bool, bool], prior: Prior, base: dict, used: dict
+                  ) -> list[BudgetPlan]:  # fmt: skip
+    """Cached partial plans at resolution r per measured precision (it rules the one extraction and
+    the epochs), the probe on the stored maps at it or extracting at its own (cached_plan.py
+    prices both). `room`: the seconds after the overhead; `flags`: (tta, probe_flips)."""
     plans = []
     for p in c.precisions:
         infer = Cell(c.backbone, r, p, "infer-maps", c.infer_batch, c.cut)
         train = Cell(c.backbone, r, p, "train-maps", c.train_batch, c.cut)
-        if throughputs.get(infer, 0) <= 0 or throughputs.get(train, 0) <= 0:
+        whole = Cell(c.backbone, r, p, "infer", c.infer_batch)
+        speeds = [throughputs.get(cell, 0.0) for cell in (whole, infer, train)]
+        if speeds[1] <= 0 or speeds[2] <= 0:
             continue
-        maps_s = (2 * n_train + n_val) / throughputs[infer]
-        val_s = n_val / (MAP_VAL_SPEEDUP * throughputs[train])
-        epoch_s = n_train / throughputs[train] + val_s
-        # flip TTA after a cached phase scores the mirror images through the whole model
-        tta_s = n_val / throughputs[infer] * 1.5 if tta else 0.0
-        epochs = (left - maps_s - tta_s) / epoch_s
-        if epochs < MIN_EPOCHS:
-            continue
-        plans.append(BudgetPlan(
-            **base, kind="cached", finetune_precision=p, finetune_freeze=c.cut, epochs=epochs,
-            epoch_seconds=epoch_s, maps_seconds=maps_s,
-            predicted_seconds=base["overhead_seconds"] + base["probe_seconds"] + maps_s
-            + epochs * epoch_s + tta_s,
-            predicted_val_acc=prior.accuracy("cached", epochs, r),
-            throughputs={**used, infer.text(): throughputs[infer], train.text(): throughputs[train]},
-            tta_seconds=tta_s))
+        for price in cached_plan.cached_prices(p, *speeds, (base["probe_precision"], base["probe_seconds"]),
+                                               PROBE_FIT_S * n_train, n_train, n_val, *flags):  # fmt: skip
+            spent = price.probe_seconds + price.maps_seconds + price.tta_seconds
+            epochs = (room - spent) / price.epoch_seconds
+            if epochs < MIN_EPOCHS:
+                continue
+            probe_cells = {whole.text(): throughputs[whole]} if price.probe_from_maps else used
+            plans.append(BudgetPlan(
+                **{**base, "probe_precision": price.probe_precision, "probe_seconds": price.probe_seconds},
+                kind="cached", finetune_precision=p, finetune_freeze=c.cut, epochs=epochs,
+                epoch_seconds=price.epoch_seconds, maps_seconds=price.maps_seconds,
+                probe_from_maps=price.probe_from_maps,
+                predicted_seconds=base["overhead_seconds"] + spent + epochs * price.epoch_seconds,
+                predicted_val_acc=prior.accuracy("cached", epochs, r),
+                throughputs={**probe_cells, infer.text(): throughputs[infer], train.text(): throughputs[train]},
+                tta_seconds=price.tta_seconds))  # fmt: skip
     return plans
 
 
@@ -318,10 +327,8 @@ def apply_plan(cfg: Config, plan: BudgetPlan, template: list[PhaseConfig]) -> Co
         cfg.model, backbone=plan.backbone, resolution=plan.resolution))
     probe = dataclasses.replace(probe_t, precision=plan.probe_precision, resolution=0)
     cfg.phases = [probe]
-    if plan.kind == "cached":  # stored maps: the template's crops become map translation
-        ops = ["crop" if op.startswith("rrc") else op for op in tune_t.augment]
-        tune_t = dataclasses.replace(tune_t, cache_frozen=True, mixup=0.0, cutmix=0.0, augment=[
-            op for i, op in enumerate(ops) if op in MAP_OPS and op not in ops[:i]])
+    if plan.kind == "cached":  # on stored maps, extracted at the batch they were priced at
+        tune_t, cfg.run = cached_plan.cached_phase(tune_t), cached_plan.cached_run(cfg.run, plan.infer_batch)
     if plan.kind != "probe":
         # The cosine is planned for plan.epochs; the pacer may stretch it by up to a fifth when
         # the run is ahead of its plan (the probe took less time than priced, a faster pace).
@@ -385,7 +392,7 @@ def recipe_seconds(cfg: Config, speed: Callable[[Cell], float], native: int,
             maps = (n_train * (2 if "flip" in p.augment else 1) + n_val) / speed(
                 Cell(cfg.model.backbone, res, precision, "infer-maps", cfg.run.eval_batch_size, p.freeze))
             train = speed(Cell(cfg.model.backbone, res, precision, "train-maps", p.batch_size, p.freeze))
-            total += maps + epochs * (n_train + n_val / MAP_VAL_SPEEDUP) / train
+            total += maps + epochs * (n_train + n_val / cached_plan.MAP_VAL_SPEEDUP) / train
             continue
         train = speed(Cell(cfg.model.backbone, res, precision, "train", p.batch_size, p.freeze))
         total += epochs * (n_train / train + n_val / infer)

@@ -60,6 +60,12 @@ class PhaseInputs:
     class_weights: torch.Tensor | None = None  # data.class_weights = "auto": loss weight per class
     mixup: float = 0.0  # phases.N.mixup / cutmix: Beta alphas, 0 = off (data/mixing.py)
     cutmix: float = 0.0
+    features_from_maps: bool = False  # the cached features are the top run on a later phase's maps
+
+    def extract_fields(self) -> dict:
+        """What the phase's first metrics row says about getting its cached inputs."""
+        return {"extract_seconds": self.extract_seconds,
+                **({"features_from_maps": True} if self.features_from_maps else {})}
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """A batch as the network takes it."""

@@ -217,8 +217,9 @@ def candidates_for(cfg: Config, device: torch.device, from_recipe: bool) -> list
 
 
 def plan_this_machine(cfg: Config, budget_s: float, device: torch.device, from_recipe: bool,
-                      spent_s: float = 0.0) -> tuple[BudgetPlan, dict[str, float]]:
-    """Measure what the candidates need (cached per machine), then plan the rest of the budget.
+                      spent_s: float = 0.0, probe_flips: bool = False) -> tuple[BudgetPlan, dict[str, float]]:
+    """Measure what the candidates need (cached per machine), then plan the rest of the budget
+    (`probe_flips`: the probe the plan starts with has cached_flips).
 
     Returns the plan and every throughput measured for it (for plan.json).
     """
@@ -236,7 +237,8 @@ def plan_this_machine(cfg: Config, budget_s: float, device: torch.device, from_r
     n_train, n_val = split_counts(cfg)
     overhead = OVERHEAD_S.get(device.type, 20.0) * min(1.0, (n_train + n_val) / 50_000) + spent_s
     plan = plan_budget(speeds, budget_s, n_train, n_val, candidates, overhead_s=overhead,
-                       tta=cfg.run.tta != "off", maps_fit=lambda c, r, p: maps_fit(c, r, p, n_train, n_val))
+                       tta=cfg.run.tta != "off", maps_fit=lambda c, r, p: maps_fit(c, r, p, n_train, n_val),
+                       probe_flips=probe_flips)
     return plan, {c.text(): v for c, v in speeds.items()}
 
 

@@ -7,11 +7,15 @@ translates the map by up to CROP_PAD/32 of its size with zero padding (CIFAR's 4
 and-crop at map scale). The maps are kept as the bottom outputs them (bf16 under bf16 autocast),
 so the top computes from them exactly what the whole model computes from the images: validation
 on stored val maps gives the val_acc `evaluate` prints for the bundle.
+
+A cached head-only phase (the probe) before such a phase takes its features from the same maps
+(`probe_maps`): top(maps) is backbone(images), so the frozen bottom runs once for the whole run.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +28,7 @@ from cifar_transfer.data.datasets import fingerprint
 from cifar_transfer.data.folder import available_memory, fits_memory
 from cifar_transfer.data.mixing import Mixed, mix
 from cifar_transfer.data.transforms import to_model_input
-from cifar_transfer.models.split import Split, TopModel, frozen_split
+from cifar_transfer.models.split import Split, TopModel, frozen_split, split_as
 from cifar_transfer.system import hardware
 from cifar_transfer.system.errors import UserError
 from cifar_transfer.training import distributed
@@ -73,21 +77,44 @@ def map_key(backbone: str, bottom_fp: str, split: Split, resolution: int, precis
     return f"{safe}-w{bottom_fp}-maps{split.at}-r{resolution}-{precision}-{data_fp}"
 
 
+def _in_batches(step: Callable[[slice], torch.Tensor], n: int, batch_size: int, desc: str,
+                progress: bool) -> torch.Tensor:
+    """torch.cat of step(batch) over n rows taken batch_size at a time, with a progress bar."""
+    out = []
+    bar = tqdm(total=n, desc=desc, unit="img", mininterval=2, dynamic_ncols=True, disable=not progress)
+    for start in range(0, n, batch_size):
+        out.append(step(slice(start, start + batch_size)))
+        bar.update(len(out[-1]))
+    bar.close()
+    return torch.cat(out)
+
+
 @torch.inference_mode()
 def extract_maps(bottom: torch.nn.Module, images: torch.Tensor, plan: PhasePlan, mean, std,
                  batch_size: int, channels_last: bool, desc: str, progress: bool) -> torch.Tensor:
     """bottom(images) batch by batch in eval mode, as the bottom outputs them (dtype included)."""
     bottom.eval()
-    out = []
-    bar = tqdm(total=len(images), desc=desc, unit="img", mininterval=2, dynamic_ncols=True,
-               disable=not progress)  # fmt: skip
-    for start in range(0, len(images), batch_size):
-        x = to_model_input(images[start : start + batch_size], plan.resolution, mean, std, channels_last)
+
+    def step(batch: slice) -> torch.Tensor:
+        x = to_model_input(images[batch], plan.resolution, mean, std, channels_last)
         with hardware.autocast(images.device, plan.precision):
-            out.append(bottom(x).contiguous())
-        bar.update(len(x))
-    bar.close()
-    return torch.cat(out)
+            return bottom(x).contiguous()
+
+    return _in_batches(step, len(images), batch_size, desc, progress)
+
+
+@torch.inference_mode()
+def top_features(top: torch.nn.Module, maps: torch.Tensor, precision: str, batch_size: int,
+                 desc: str = "features", progress: bool = False) -> torch.Tensor:
+    """top(maps) batch by batch in eval mode, in float32: from a cut's maps, what extract_features
+    computes from their images when it runs eagerly at the same batches (tested bit for bit)."""
+    top.eval()
+
+    def step(batch: slice) -> torch.Tensor:
+        with hardware.autocast(maps.device, precision):
+            return top(maps[batch]).float()
+
+    return _in_batches(step, len(maps), batch_size, desc, progress)
 
 
 def map_shape(bottom: torch.nn.Module, images: torch.Tensor, plan: PhasePlan, mean, std
@@ -109,6 +136,15 @@ def check_map_memory(n: int, shape: tuple[int, ...], dtype: torch.dtype, where: 
         )
 
 
+def check_maps_fit(run: RunCore, plan: PhasePlan, split: Split) -> tuple[int, ...]:
+    """One stored map's shape, after refusing maps that would not fit the memory."""
+    d, spec = run.data, run.model.spec
+    shape, dtype = map_shape(split.bottom, d.train_x, plan, spec.mean, spec.std)
+    n = len(d.train_x) * (2 if "flip" in plan.phase.augment else 1) + len(d.val_x)
+    check_map_memory(n, shape, dtype, f"phase {plan.phase.name!r}")
+    return shape
+
+
 def frozen_maps(run: RunCore, plan: PhasePlan, split: Split) -> list[torch.Tensor | None]:
     """[train maps, mirror train maps or None, val maps] from the cache or extracted now.
 
@@ -119,9 +155,7 @@ def frozen_maps(run: RunCore, plan: PhasePlan, split: Split) -> list[torch.Tenso
     mirror = "flip" in plan.phase.augment
     sets = [("train", d.train_x, d.train_y), ("mirrored train", d.train_x.flip(-1) if mirror else None, d.train_y),
             ("val", d.val_x, d.val_y)]
-    shape, dtype = map_shape(split.bottom, d.train_x, plan, spec.mean, spec.std)
-    check_map_memory(len(d.train_x) * (2 if mirror else 1) + len(d.val_x), shape, dtype,
-                     f"phase {plan.phase.name!r}")  # fmt: skip
+    shape = check_maps_fit(run, plan, split)
     bottom_fp = weights_fingerprint(split.bottom)
     out: list[torch.Tensor | None] = []
     with distributed.main_first():
@@ -163,3 +197,61 @@ def map_inputs(run: RunCore, plan: PhasePlan, weights: torch.Tensor | None = Non
         mixup=plan.phase.mixup, cutmix=plan.phase.cutmix, mirror_x=mirror, net=TopModel(split, run.model),
     )  # fmt: skip
 
+
+def maps_phase_for(run: RunCore, plan: PhasePlan) -> PhasePlan | None:
+    """The later cache_frozen phase whose stored maps can give cached phase `plan` its features,
+    or None: the first later phase that runs and stores maps, when it has the same resolution and
+    precision and stores mirror maps where `plan` has cached_flips, with only head-only phases
+    between (the backbone then is the one `plan` sees, so its maps are the ones that phase reads)."""
+    if not plan.cached:
+        return None
+    for later in run.plans[plan.index + 1 :]:
+        if not later.runs:
+            continue
+        if later.maps:
+            same = (later.resolution, later.precision) == (plan.resolution, plan.precision)
+            mirrors = "flip" in later.phase.augment or not plan.phase.cached_flips
+            return later if same and mirrors else None
+        if later.phase.freeze != "all":
+            return None  # it trains the backbone: the maps of then are not the features of now
+    return None
+
+
+@dataclass
+class StoredMaps:
+    """A later cache_frozen phase's maps, held while a cached phase takes its features from them:
+    top(maps), the rest of the backbone (its pooling included) in eval mode."""
+
+    later: PhasePlan
+    top: torch.nn.Module
+    maps: dict[str, torch.Tensor]  # "train", "mirrored train" (when stored), "val"
+    seconds: float  # getting them: extracted once, or read from the map cache
+
+    def features(self, images: torch.Tensor, name: str, batch_size: int, progress: bool) -> torch.Tensor:
+        """The features of `images` (the set `name`, whose maps these are)."""
+        maps = self.maps[name]
+        assert len(maps) == len(images), (name, len(maps), len(images))
+        return top_features(self.top, maps, self.later.precision, batch_size,
+                            f"{name} features (from maps)", progress)  # fmt: skip
+
+
+def probe_maps(run: RunCore, plan: PhasePlan) -> StoredMaps | None:
+    """The maps a later cache_frozen phase stores (into the map cache, where that phase reads them
+    back), for cached phase `plan` to take its features from: the frozen bottom then runs once for
+    the whole run. None when maps_phase_for finds no such phase, when it cannot be cut or its maps
+    would not fit the memory (that phase says so when it runs): the features are extracted then."""
+    later = maps_phase_for(run, plan)
+    if later is None:
+        return None
+    try:
+        split = split_as(run.model, later.phase.freeze)
+        check_maps_fit(run, later, split)
+    except UserError:
+        return None
+    run.log.say(f"{plan.phase.name}: features from the maps stored for phase {later.phase.name!r} "
+                f"(the frozen {split.at} of {split.blocks} blocks run once per image for both; the "
+                f"rest of the backbone runs on the maps)")  # fmt: skip
+    t0 = time.perf_counter()
+    train, mirror, val = frozen_maps(run, later, split)
+    maps = {"train": train, "val": val} | ({} if mirror is None else {"mirrored train": mirror})
+    return StoredMaps(later, split.top, maps, time.perf_counter() - t0)

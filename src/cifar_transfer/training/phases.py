@@ -94,7 +94,7 @@ def run_phase(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, resume: TrainS
             seconds=fit.seconds, val_balanced_acc=val_balanced,
         )  # fmt: skip
         if (plan.cached or plan.maps) and epoch == start:
-            row["extract_seconds"] = inputs.extract_seconds
+            row.update(inputs.extract_fields())
         log.log(row, phase.epochs)
         run.keep_if_best(row, plan, evaluated)
         run.ended_on(val_acc, plan)
@@ -136,12 +136,16 @@ def _recording(extract: Callable[[torch.Tensor], torch.Tensor], device: torch.de
 
 
 def frozen_features(
-    run: RunCore, plan: PhasePlan
+    run: RunCore, plan: PhasePlan, stored: partial.StoredMaps | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Cached frozen-backbone features: (train features, their labels, val features, seconds).
 
     With the phase's `cached_flips` the training rows are each image's features followed by its
     mirror image's (labels repeated), so a head trained on them sees flip augmentation.
+
+    With `stored` (partial.probe_maps: a later phase's stored maps) a feature missing from the
+    cache is the top of the backbone run on its image's map instead of the whole backbone run on
+    the image (the same numbers), and is cached under the same key.
 
     Under torchrun rank 0 extracts them into the cache while the others wait, then they read
     them (a rank that cannot see rank 0's cache folder, e.g. on another machine, extracts too).
@@ -152,7 +156,7 @@ def frozen_features(
     sets = [("train", data.train_x, data.train_y, True), ("val", data.val_x, data.val_y, False)]
     if plan.phase.cached_flips:
         sets.insert(1, ("mirrored train", data.train_x.flip(-1), data.train_y, True))
-    out, seconds = [], 0.0
+    out, seconds = [], 0.0 if stored is None else stored.seconds
     backbone_fp = weights_fingerprint(run.model.backbone)  # as it is now: maybe fine-tuned
     with distributed.main_first():
         for name, x, y, may_compile in sets:
@@ -160,13 +164,16 @@ def frozen_features(
                 cfg.model.backbone, backbone_fp, cfg.model.head, plan.resolution,
                 plan.precision, fingerprint(x, y),
             )  # fmt: skip
-            compiled = may_compile and should_compile(cfg.run.compile_features, len(x))
+            compiled = stored is None and may_compile and should_compile(cfg.run.compile_features, len(x))
             extract = functools.partial(
                 extract_features, run.model, resolution=plan.resolution,
                 batch_size=cfg.run.eval_batch_size, precision=plan.precision,
                 channels_last=cfg.run.channels_last, desc=f"{name} features",
                 compile_model=compiled, progress=run.log.console,
             )  # fmt: skip
+            if stored is not None:  # the top on the maps, eagerly (as val features always are)
+                extract = functools.partial(stored.features, name=name, batch_size=cfg.run.eval_batch_size,
+                                            progress=run.log.console)  # fmt: skip
             if compiled:  # its speed, compile included, prices the next --budget's probe here
                 extract = _recording(extract, run.device, Cell(
                     cfg.model.backbone, plan.resolution, plan.precision, "extract",
@@ -187,13 +194,14 @@ def phase_inputs(run: RunCore, plan: PhasePlan) -> PhaseInputs:
         weights = class_weights(d.train_y, len(d.classes))
     if plan.maps:
         return partial.map_inputs(run, plan, weights)
-    tensors, seconds = (d.train_x, d.train_y, d.val_x), 0.0
+    tensors, seconds, stored = (d.train_x, d.train_y, d.val_x), 0.0, None
     if plan.cached:
-        *tensors, seconds = frozen_features(run, plan)
+        stored = partial.probe_maps(run, plan)  # a later phase's maps, or None: extract
+        *tensors, seconds = frozen_features(run, plan, stored)
     return PhaseInputs(
         *tensors, d.val_y, plan.cached, plan.resolution, spec.mean, spec.std,
         plan.phase.augment, run.cfg.run.channels_last, seconds, weights,
-        mixup=plan.phase.mixup, cutmix=plan.phase.cutmix,
+        mixup=plan.phase.mixup, cutmix=plan.phase.cutmix, features_from_maps=stored is not None,
     )
 
 
@@ -229,7 +237,7 @@ def run_probe_phase(run: RunCore, plan: PhasePlan, inputs: PhaseInputs) -> None:
             val_balanced_acc=val_balanced,
         )  # fmt: skip
         if n == 1:
-            row["extract_seconds"] = inputs.extract_seconds
+            row.update(inputs.extract_fields())
         log.log(row, len(phase.l2_values), f" l2 {fit.l2:g} ({fit.iterations} L-BFGS iterations)")
         t0 = time.perf_counter()
         chosen = log.score(row)  # val_acc, or val_balanced_acc with run.select_by

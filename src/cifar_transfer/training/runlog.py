@@ -64,7 +64,8 @@ class RunLog:
         if self._tensorboard is not None:
             self._tensorboard.add_row(row)
         if "extract_seconds" in row:
-            extra += f" (features {row['extract_seconds']:.0f}s)"
+            how = ", from the stored maps" if row.get("features_from_maps") else ""
+            extra += f" (features {row['extract_seconds']:.0f}s{how})"
         val = "" if row["val_acc"] is None else (
             f" val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}")
         self.say(
