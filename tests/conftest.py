@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,20 @@ def write_cifar_dir(root: Path, per_batch: int = 100, seed: int = 0, test: bool 
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": ["c"] * 10, "num_vis": 3072}, f, protocol=2)
     return folder
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG declaring width x height pixels: a few KB that would decode to
+    gigabytes of RGB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" + b"\0" * ((width + 7) // 8)
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="session")

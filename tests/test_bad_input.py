@@ -231,7 +231,7 @@ def test_a_model_file_holding_an_arbitrary_pickle_is_refused_never_executed(
 def test_predict_on_a_non_image_file(model_dir, tmp_path, capsys):
     bad = tmp_path / "notes.jpg"
     bad.write_text("this is text, not a JPEG")
-    refused(["predict", str(model_dir), str(bad)], capsys, f"error: {bad}: not a readable image",
+    refused(["predict", str(model_dir), str(bad)], capsys, f"error: {bad}: not an image PIL can read",
             "pass PNG/JPEG/", roots=(tmp_path, model_dir), rc=1)  # fmt: skip
 
 

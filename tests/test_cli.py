@@ -124,7 +124,7 @@ def test_predict_reports_bad_files_and_still_predicts_the_rest(trained_run, tmp_
     assert rc == 1
     (line,) = captured.out.strip().splitlines()
     assert line.startswith(f"{good}:") and line.count(",") == 1  # two classes shown
-    assert f"error: {bad}: not a readable image" in captured.err
+    assert f"error: {bad}: not an image PIL can read" in captured.err
 
 
 def test_resume_of_a_finished_run_keeps_its_result(trained_run, capsys):

@@ -58,8 +58,8 @@ def test_empty_folder_and_unmatched_glob_are_reported_and_the_rest_predicted(run
     assert f"error: {empty}: {no_images}" in err
     assert f"error: {tmp_path / '*.jpeg'}: matches no files" in err
     assert (
-        f"error: {folder / 'notes.txt'}: not a readable image (PIL: UnidentifiedImageError): "
-        "pass PNG/JPEG/BMP/GIF/TIFF/WebP image files"
+        f"error: {folder / 'notes.txt'}: not an image PIL can read (a text or other file, or a "
+        "format such as HEIC?): pass PNG/JPEG/BMP/GIF/TIFF/WebP image files (convert others to JPEG)"
     ) in err
     assert main(["predict", str(run), str(empty), "--json"]) == 1
     (entry,) = json.loads(capsys.readouterr().out)

@@ -154,7 +154,7 @@ def test_a_non_utf8_file_name_is_predicted_and_printed(tiny_run, tmp_path, capsy
     out, err = capsys.readouterr()
     assert rc == 1
     assert one_line(out).startswith(f"{folder}/caf\\udce9.png: ")
-    assert one_line(err).startswith(f"error: {folder}/bad\\udcff.jpg: not a readable image")
+    assert one_line(err).startswith(f"error: {folder}/bad\\udcff.jpg: not an image PIL can read")
     assert main(["predict", str(tiny_run), str(folder), "--json"]) == 1
     paths = [p["path"] for p in json.loads(capsys.readouterr().out)]
     assert [os.fsencode(p) for p in paths] == [os.fsencode(folder) + b"/bad\xff.jpg",

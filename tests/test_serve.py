@@ -11,12 +11,10 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +25,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("multipart")
 httpx = pytest.importorskip("httpx")
+
+from conftest import png_bomb
 
 from cifar_transfer.cli import main
 from cifar_transfer.data.cifar10 import load_split
@@ -204,20 +204,6 @@ def test_the_onnx_backend_serves_the_exported_file_with_predicts_numbers(
 
 
 # ----------------------------------------------------------------------------- hostile inputs
-
-
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid 1-bit PNG declaring width x height pixels: a few KB that would decode to
-    gigabytes of RGB."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\0" + b"\0" * ((width + 7) // 8)
-    compressor = zlib.compressobj(9)
-    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")

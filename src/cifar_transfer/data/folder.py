@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from cifar_transfer.data.images import BadImage, decode_image
+from cifar_transfer.data.images import ImageError, decode_image, read_bytes
 from cifar_transfer.system.atomic import save_safetensors
 from cifar_transfer.system.errors import UserError
 
@@ -164,16 +164,17 @@ def scan(root: Path) -> FolderScan:
 
 
 def _decode_one(path: Path, size: int, draft: bool) -> tuple[np.ndarray | None, int, str]:
-    """(image or None, 8-byte content hash, problem) of one file; never raises."""
+    """(image or None, 8-byte content hash, problem) of one file; never raises. The problem is
+    the ImageError's reason alone: the one warning that lists the files says what to do."""
     try:
-        raw = path.read_bytes()
-    except OSError as e:
-        return None, 0, f"cannot be read ({e.strerror})"
+        raw = read_bytes(path)
+    except ImageError as e:
+        return None, 0, e.reason
     digest = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little", signed=True)
     try:
         return decode_image(raw, size, draft), digest, ""
-    except BadImage as e:
-        return None, digest, str(e)
+    except ImageError as e:
+        return None, digest, e.reason
 
 
 def decode_files(

@@ -8,18 +8,16 @@ folder.py decoded its training images; model.json's `storage_size` and `data_kin
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
 import torch
 from PIL import Image
 
-from cifar_transfer.data.images import TOO_BIG, BadImage, decode_image
+from cifar_transfer.data.images import ImageError, decode_image
 from cifar_transfer.models.inference import predict_logits
 from cifar_transfer.system.errors import UserError
 
@@ -27,14 +25,10 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 GLOB_CHARS = frozenset("*?[")
-IMAGE_FIX = "pass PNG/JPEG/BMP/GIF/TIFF/WebP image files"
 NO_IMAGES = "folder holds no images: pass a folder of images or a glob such as 'photos/*.jpg'"
 # Files decoded before their results are printed: a huge glob shows progress, and memory stays
 # bounded (a decoded image is 3 KB). The forward batch is --batch-size, within each read batch.
 READ_BATCH = 256
-# JPEGs decode at 1/2, 1/4 or 1/8 size (in the DCT, nearly free) down to no less than this: the
-# resize below box-reduces to 3x the 32 px output first (reducing_gap=3) anyway.
-_DRAFT_SIZE = 3 * 32
 
 
 @dataclass
@@ -203,41 +197,17 @@ def expand_inputs(args: Sequence[str]) -> Iterator[Prediction]:
 
 def read_image(path: Path, size: int = 32, crop: bool = False) -> torch.Tensor:
     """Any image PIL reads -> uint8 (3, 32, 32), downscaled the way CIFAR-10 images were made;
-    with `crop`, (3, size, size) the way folder.py decoded a folder model's training images."""
-    if crop:
-        try:
-            return torch.from_numpy(decode_image(Path(path), size).copy()).permute(2, 0, 1)
-        except BadImage as e:
-            raise _Unreadable(str(e)) from None
-    with warnings.catch_warnings():
-        # Between MAX_IMAGE_PIXELS and twice that PIL only warns: refuse those images too.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            img.draft("RGB", (_DRAFT_SIZE, _DRAFT_SIZE))  # JPEG only; others decode as they are
-            img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-            return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-class _Unreadable(Exception):
-    """A file images.decode_image could not decode; the message is the reason."""
+    with `crop`, (3, size, size) the way folder.py decoded a folder model's training images.
+    Raises images.ImageError (reason and fix) for a file that does not decode."""
+    return torch.from_numpy(decode_image(Path(path), size, crop=crop)).permute(2, 0, 1)
 
 
 def _read(pred: Prediction, geometry: tuple[int, bool] = (32, False)) -> torch.Tensor | None:
     """The image of one entry, or None with the entry's error set: one bad file stops nothing."""
     try:
         return read_image(Path(pred.path), *geometry) if geometry != (32, False) else read_image(Path(pred.path))
-    except _Unreadable as e:
+    except ImageError as e:
         pred.error = str(e)
-    except FileNotFoundError:
-        pred.error = "no such file"
-    except IsADirectoryError:
-        pred.error = "is a folder, not an image"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        pred.error = TOO_BIG
-    except MemoryError:
-        pred.error = "too large to decode in the memory left: downscale it first"
-    except Exception as e:  # noqa: BLE001 - damaged files make PIL raise OSError, SyntaxError, struct.error ...
-        pred.error = f"not a readable image (PIL: {type(e).__name__}): {IMAGE_FIX}"
     return None
 
 

@@ -7,23 +7,21 @@ is fixed here alone.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from cifar_transfer.artifacts.bundle import read_meta, temperature_of
-from cifar_transfer.data.images import MAX_IMAGE_PIXELS, TOO_BIG, BadImage, decode_image
+from cifar_transfer.data.images import IMAGE_FIX, ImageError, decode_image
 from cifar_transfer.results.calibration import check_min_confidence
-from cifar_transfer.results.predict import IMAGE_FIX, Predictor, load_predictor, read_image
+from cifar_transfer.results.predict import Predictor, load_predictor
 from cifar_transfer.system.errors import UserError
 from cifar_transfer.system.hardware import set_threads
 
 __all__ = [
-    "MAX_IMAGE_PIXELS", "BadUpload", "ServedModel", "UserError", "check_min_confidence",
+    "BadUpload", "ServedModel", "UserError", "check_min_confidence",
     "decode_upload", "load_served_model", "set_threads",
 ]  # fmt: skip
 
@@ -35,36 +33,15 @@ class BadUpload(Exception):
 def decode_upload(raw: bytes, geometry: tuple[int, bool]) -> torch.Tensor:
     """Image bytes -> uint8 (3, S, S), pixel for pixel what `predict` makes of the same file.
 
-    The same decoders as predict (read_image for CIFAR models, folder.decode_image for folder
-    models) and the same pixel limit. The limit is also checked here on the header before
-    decoding: predict turns PIL's DecompressionBombWarning into an error with
-    warnings.catch_warnings, which is not thread-safe, and uploads decode in a thread pool.
+    The one decoder of predict and folders (data/images.py: pixel limit checked on the header,
+    thread-safe), and its reasons, but for an empty body, which is the request's problem.
     """
-    if not raw:
-        raise BadUpload(f"empty upload (0 bytes): {IMAGE_FIX}")
     size, crop = geometry
     try:
-        with Image.open(io.BytesIO(raw)) as probe:  # reads the header only
-            width, height = probe.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise BadUpload(f"{width}x{height} is {TOO_BIG}")
-        if crop:
-            return torch.from_numpy(decode_image(raw, size)).permute(2, 0, 1).contiguous()
-        return read_image(io.BytesIO(raw), size).contiguous()  # type: ignore[arg-type]
-    except BadUpload:
-        raise
-    except BadImage as e:
-        raise BadUpload(f"{e}: {IMAGE_FIX}" if "downscale" not in str(e) else str(e)) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadUpload(TOO_BIG) from None
-    except Image.UnidentifiedImageError:
-        raise BadUpload(f"not an image PIL can read: {IMAGE_FIX}") from None
-    except MemoryError:
-        raise BadUpload("too large to decode in the memory left: downscale it first") from None
-    except Exception as e:  # noqa: BLE001 - damaged files raise OSError, SyntaxError, struct.error ...
-        raise BadUpload(
-            f"truncated or corrupt image (PIL: {type(e).__name__}: {str(e)[:80]}): {IMAGE_FIX}"
-        ) from None
+        return torch.from_numpy(decode_image(raw, size, crop=crop)).permute(2, 0, 1).contiguous()
+    except ImageError as e:
+        message = f"empty upload (0 bytes): {IMAGE_FIX}" if e.kind == "empty" else str(e)
+        raise BadUpload(message) from None
 
 
 def _file_id(path: Path) -> str:
