@@ -154,13 +154,15 @@ def test_a_bomb_that_pil_only_warns_about_prints_no_stray_warning(tmp_path):
         "import sys, threading\n"
         "from pathlib import Path\n"
         "from cifar_transfer.data.images import ImageError, decode_image\n"
+        "kinds = []\n"
         "def one():\n"
         "    try:\n"
         f"        decode_image(Path({str(bomb)!r}), 32)\n"
         "    except ImageError as e:\n"
-        "        print(e.kind)\n"
+        "        kinds.append(e.kind)\n"
         "threads = [threading.Thread(target=one) for _ in range(4)]\n"
         "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print(*kinds)\n"  # once, after the joins: threads printing at once interleave
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["too-many-pixels"] * 4 and out.stderr == ""
