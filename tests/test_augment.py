@@ -24,7 +24,7 @@ from cifar_transfer.training import run as train_mod
 from cifar_transfer.training.optim import make_optimizer, make_scheduler
 
 OPS = ["flip", "crop", "crop-flip", "rrc", "rrc:0.35-1", "trivial", "randaugment",
-       "randaugment:3-15", "jpeg:50-95", "rrc,flip,trivial"]  # fmt: skip
+       "randaugment:3-15", "jpeg:50-95", "jpeg:50-95:0.5", "rrc,flip,trivial"]  # fmt: skip
 
 
 def images(n: int = 16, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -106,8 +106,18 @@ def test_jpeg_quality_range_sets_the_damage():
     assert 0 < err[95] < err[10]
 
 
+def test_jpeg_with_a_share_recompresses_about_that_share_and_leaves_the_rest_lossless():
+    x = images(200, 32)
+    out = run(x, "jpeg:30-30:0.25", 0)
+    changed = (out != x).flatten(1).any(1)
+    assert 30 <= int(changed.sum()) <= 70  # ~50 of 200
+    assert torch.equal(out[~changed], x[~changed])
+    assert torch.equal(run(x, "jpeg:30-30:1", 0), run(x, "jpeg:30-30", 0))  # P = 1: as before
+
+
 @pytest.mark.parametrize("ops", ["trivail", "rrc:0-1", "rrc:0.5-0.2", "jpeg:0-50", "jpeg:50.5-90",
-                                 "flip:2", "randaugment:2-31", "rrc:small"])  # fmt: skip
+                                 "flip:2", "randaugment:2-31", "rrc:small", "jpeg:50-95:0",
+                                 "jpeg:50-95:1.5", "rrc:0.3-1:0.5"])  # fmt: skip
 def test_a_bad_augment_is_one_line_naming_the_key_and_the_fix(ops):
     with pytest.raises(UserError) as err:
         apply_overrides(load_recipe("default"), [f"phases.1.augment={ops}"])

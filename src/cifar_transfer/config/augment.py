@@ -22,7 +22,10 @@ MAP_OPS = ("flip", "crop")
 _AUGMENT_LIMITS = {"rrc": ("rrc:LO-HI with 0 < LO <= HI <= 1", lambda a, b: 0 < a <= b <= 1, False),
                    "randaugment": ("randaugment:N-M with 1 <= N <= 10 ops, magnitude 0 <= M <= 30",
                                    lambda a, b: 1 <= a <= 10 and 0 <= b <= 30, True),
-                   "jpeg": ("jpeg:LO-HI with 1 <= LO <= HI <= 100", lambda a, b: 1 <= a <= b <= 100, True)}
+                   "jpeg": (("jpeg:LO-HI[:P] with whole numbers 1 <= LO <= HI <= 100 and 0 < P <= 1 (the "
+                             "share of images re-compressed; 1 when left out)"), lambda a, b: 1 <= a <= b <= 100, True)}
+# Ops that take ":P" after their range: the probability each image gets the op (default 1).
+_PROB_OPS = ("jpeg",)
 
 
 def augment_ops(value: Any, key: str = "augment") -> list[str]:
@@ -38,8 +41,9 @@ def augment_ops(value: Any, key: str = "augment") -> list[str]:
     return ops
 
 
-def augment_op(item: str, key: str = "augment") -> tuple[str, tuple[float, float] | None]:
-    """One op's name and its (LO, HI) range (the default where it takes one), or one UserError."""
+def augment_op(item: str, key: str = "augment") -> tuple[str, tuple[float, ...] | None]:
+    """One op's name and its (LO, HI) range (the default where it takes one; jpeg: (LO, HI, P)),
+    or one UserError."""
     name, sep, arg = item.partition(":")
     if name not in AUGMENT_OPS or (sep and AUGMENT_OPS[name] is None):
         ops = ", ".join(n if r is None else f"{n}[:{r}]" for n, r in AUGMENT_OPS.items())
@@ -49,9 +53,11 @@ def augment_op(item: str, key: str = "augment") -> tuple[str, tuple[float, float
         return name, None
     form, ok, whole = _AUGMENT_LIMITS[name]
     number = r"\d+" if whole else r"\d*\.?\d+"
-    match = re.fullmatch(rf"({number})-({number})", arg if sep else default)
-    lo, hi = (float(g) for g in match.groups()) if match else (math.nan, math.nan)
-    if not ok(lo, hi):
-        whole_note = " (whole numbers)" if whole else ""
+    prob = r"(?::(\d*\.?\d+))?" if name in _PROB_OPS else "()"  # group 3: P, or empty
+    match = re.fullmatch(rf"({number})-({number}){prob}", arg if sep else default)
+    lo, hi, p = (math.nan, math.nan, None) if not match else (
+        float(match[1]), float(match[2]), float(match[3]) if match[3] else None)
+    if not ok(lo, hi) or (p is not None and not 0 < p <= 1):
+        whole_note = " (whole numbers)" if whole and "whole" not in form else ""
         raise UserError(f"bad value for {key}: {item!r}: write {form}{whole_note}, e.g. {name}:{default}")
-    return name, (lo, hi)
+    return name, (lo, hi) + ((1.0 if p is None else p,) if name in _PROB_OPS else ())

@@ -133,28 +133,36 @@ def random_resized_crop(
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def jpeg(images: torch.Tensor, generator: torch.Generator, quality: tuple[float, float] = (50, 95)) -> torch.Tensor:
+def jpeg(images: torch.Tensor, generator: torch.Generator, quality: tuple[float, ...] = (50, 95)) -> torch.Tensor:
     """Each image re-compressed as a JPEG at a quality drawn uniformly from LO..HI (on the CPU:
-    torchvision.io's libjpeg; a GPU batch goes there and back)."""
+    torchvision.io's libjpeg, 4:2:0 chroma; a GPU batch goes there and back). A third value P
+    (jpeg:LO-HI:P) re-compresses each image with probability P, the rest stay lossless."""
     with warnings.catch_warnings():  # 0.29 deprecates torchvision.io for torchcodec (not a dependency)
         warnings.simplefilter("ignore", DeprecationWarning)
         return _jpeg(images, generator, quality)
 
 
-def _jpeg(images: torch.Tensor, generator: torch.Generator, quality: tuple[float, float]) -> torch.Tensor:
+def _jpeg(images: torch.Tensor, generator: torch.Generator, quality: tuple[float, ...]) -> torch.Tensor:
     from torchvision.io import decode_jpeg, encode_jpeg
 
     b = len(images)
     qualities = torch.randint(int(quality[0]), int(quality[1]) + 1, (b,), generator=generator).tolist()
+    chosen = list(range(b))
+    if len(quality) > 2 and quality[2] < 1:  # P = 1 draws nothing more: its results stay as they were
+        chosen = torch.nonzero(torch.rand(b, generator=generator) < quality[2]).flatten().tolist()
+    if not chosen:
+        return images
     cpu = images.cpu()
     # encode_jpeg takes one quality per call, so images sharing a quality are encoded together.
-    encoded: list[torch.Tensor | None] = [None] * b
-    for q in sorted(set(qualities)):
-        idx = [i for i, qi in enumerate(qualities) if qi == q]
+    encoded: dict[int, torch.Tensor] = {}
+    for q in sorted({qualities[i] for i in chosen}):
+        idx = [i for i in chosen if qualities[i] == q]
         for i, data in zip(idx, encode_jpeg([cpu[i] for i in idx], quality=q), strict=True):
             encoded[i] = data
-    decoded = decode_jpeg(encoded)  # type: ignore[arg-type]
-    return torch.stack(decoded).to(images.device, non_blocking=True)
+    decoded = decode_jpeg([encoded[i] for i in chosen])
+    out = cpu.clone()
+    out[chosen] = torch.stack(decoded)
+    return out.to(images.device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------- stored maps
