@@ -212,7 +212,10 @@ def candidates_for(cfg: Config, device: torch.device, from_recipe: bool) -> list
     # Cached partial: the last two stages and the head train (Lite: blocks5-6, ResNet: layer4).
     cut = next((f"until:{s}" for s in ("blocks4", "layer3") if s in spec.stages), None)
     kinds = ("partial", "full") + (("cached",) if not gpu and cut and has_blocks(spec) else ())
-    return [Candidate(cfg.model.backbone, (res,), train_batch, min(cfg.run.eval_batch_size, 256),
+    # Inference at the recipe's eval batch, capped as the default candidates are: on a 2-core CPU
+    # batches of 256 extracted at 0.5-0.8x the speed of 64 (BENCHMARKS.md, issue 24).
+    infer_batch = min(cfg.run.eval_batch_size, 256 if gpu else CPU_CANDIDATE.infer_batch)
+    return [Candidate(cfg.model.backbone, (res,), train_batch, infer_batch,
                       precisions, kinds, cut or "until:blocks4")]
 
 
