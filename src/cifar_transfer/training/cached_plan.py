@@ -80,7 +80,7 @@ def cached_run(run: RunConfig, infer_batch: int) -> RunConfig:
     """The run settings of a cached plan: inference at the batch it was priced at.
 
     The maps' extraction is priced at the infer-maps cell, measured at the candidate's inference
-    batch (a recipe's eval_batch_size up to 256; 64 for the default CPU candidate), so
+    batch (a recipe's eval_batch_size up to 256 on a GPU, 64 on a CPU; the default candidates' own), so
     run.eval_batch_size becomes it (a CIFAR-10 cached plan measured at 64 extracted at 256 at 0.8x
     the priced speed). The probe's features (extracted, or the top on the maps) and every validation
     pass then run at that batch too: the probe was priced at the infer cell of the same batch,
