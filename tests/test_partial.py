@@ -341,11 +341,13 @@ def test_the_probe_on_the_stored_maps_equals_the_probe_on_the_images_bit_for_bit
     while the whole backbone never runs for the probe and the bottom runs once per image."""
     cfg = functools.partial(probe_then_cached, cifar_dir, backbone, cut, f"phases.0.cached_flips={str(flips).lower()}")
     whole, bottoms = [], []
-    real_extract, real_maps = phases.extract_features, partial.extract_maps
+    real_extract, real_maps, real_frozen = phases.extract_features, partial.extract_maps, partial.frozen_maps
     monkeypatch.setattr(phases, "extract_features",
                         lambda model, images, **kw: whole.append(len(images)) or real_extract(model, images, **kw))
     monkeypatch.setattr(partial, "extract_maps",
                         lambda bottom, images, *a: bottoms.append(len(images)) or real_maps(bottom, images, *a))
+    gets = []  # each time a phase gets its maps (from the map cache or extracting them)
+    monkeypatch.setattr(partial, "frozen_maps", lambda *a: gets.append(1) or real_frozen(*a))
     runs = {}
     for how in ("maps", "images"):
         if how == "images":  # as before: the probe extracts its own features
@@ -353,15 +355,18 @@ def test_the_probe_on_the_stored_maps_equals_the_probe_on_the_images_bit_for_bit
         monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / how / "cache"))
         whole.clear()
         bottoms.clear()
+        gets.clear()
         capsys.readouterr()
         train_mod.train(cfg(), tmp_path / how / "run", progress=True)
         said = capsys.readouterr().out
-        runs[how] = (len(whole), sorted(n for n in bottoms if n > 1), said)
+        runs[how] = (len(whole), sorted(n for n in bottoms if n > 1), said, len(gets))
     n_train, n_val = 120, 60  # data.train_limit=120 training images, data.val_size=60
     # the whole backbone ran only for the probe on the images: train (+ mirror) and val
     assert runs["maps"][0] == 0 and runs["images"][0] == (3 if flips else 2)
-    # the bottom ran once per image and mirror image in either run: the cached phase read them back
+    # the bottom ran once per image and mirror image in either run
     assert runs["maps"][1] == runs["images"][1] == sorted([n_train, n_train, n_val])
+    # and got once: the probe's maps were handed to the cached phase, not read back from the cache
+    assert runs["maps"][3] == runs["images"][3] == 1
     assert "features from the maps stored for phase 'finetune'" in runs["maps"][2]
     assert "features from the maps" not in runs["images"][2]
 

@@ -115,6 +115,9 @@ class RunCore:
         # Validation logits by epoch, of the best and the last validated weights only: what the
         # temperature fit reads instead of a second pass over the images.
         self.kept_logits: dict[int, torch.Tensor] = {}
+        # A cached phase's stored maps by phase index, with the block they were cut at, when the
+        # probe before it took its features from them (training/partial.py): used once, then gone.
+        self.handed_maps: dict[int, tuple[int, list[torch.Tensor | None]]] = {}
         rows, best = [], None
         if self.state is not None:
             self._restore(self.state)

@@ -187,7 +187,10 @@ def map_inputs(run: RunCore, plan: PhasePlan, weights: torch.Tensor | None = Non
                         f"{' and '.join(MAP_OPS)} apply, not {', '.join(bad)}")
     split = frozen_split(run.model)
     t0 = time.perf_counter()
-    train, mirror, val = frozen_maps(run, plan, split)
+    # The maps the probe took its features from (probe_maps), handed on: not read back from the
+    # map cache (nor extracted again where the cache could not be written).
+    handed = run.handed_maps.pop(plan.index, None)
+    train, mirror, val = handed[1] if handed and handed[0] == split.at else frozen_maps(run, plan, split)
     d, spec = run.data, run.model.spec
     run.log.say(f"{plan.phase.name}: the frozen {split.at} of {split.blocks} blocks run once per image; "
                 f"training {split.name} on, on stored {'x'.join(map(str, train.shape[1:]))} maps")
@@ -236,9 +239,9 @@ class StoredMaps:
 
 
 def probe_maps(run: RunCore, plan: PhasePlan) -> StoredMaps | None:
-    """The maps a later cache_frozen phase stores (into the map cache, where that phase reads them
-    back), for cached phase `plan` to take its features from: the frozen bottom then runs once for
-    the whole run. None when maps_phase_for finds no such phase, when it cannot be cut or its maps
+    """The maps a later cache_frozen phase stores (into the map cache, and handed to that phase in
+    run.handed_maps), for cached phase `plan` to take its features from: the frozen bottom then
+    runs once for the whole run. None when maps_phase_for finds no such phase, when it cannot be cut or its maps
     would not fit the memory (that phase says so when it runs): the features are extracted then."""
     later = maps_phase_for(run, plan)
     if later is None:
@@ -253,5 +256,6 @@ def probe_maps(run: RunCore, plan: PhasePlan) -> StoredMaps | None:
                 f"rest of the backbone runs on the maps)")  # fmt: skip
     t0 = time.perf_counter()
     train, mirror, val = frozen_maps(run, later, split)
+    run.handed_maps[later.index] = (split.at, [train, mirror, val])  # for map_inputs of `later`
     maps = {"train": train, "val": val} | ({} if mirror is None else {"mirrored train": mirror})
     return StoredMaps(later, split.top, maps, time.perf_counter() - t0)
