@@ -16,7 +16,7 @@ from cifar_transfer.artifacts.rundir import read_metrics
 from cifar_transfer.cli import main
 from cifar_transfer.recipes import apply_overrides, load_recipe
 from cifar_transfer.system.errors import UserError
-from cifar_transfer.training import budget, measure, phases
+from cifar_transfer.training import budget, measure, phases, recipe_price
 from cifar_transfer.training import run as train_mod
 from cifar_transfer.training.budget import Candidate, Cell, plan_budget
 from cifar_transfer.training.optim import StepSchedule
@@ -378,7 +378,7 @@ def test_a_deadline_cuts_a_phase_cleanly_with_the_best_bundled_and_a_resumable_c
 
 def test_recipe_time_is_the_sum_of_its_phases():
     cfg = load_recipe("fast-cpu")
-    seconds = budget.recipe_seconds(cfg, lambda cell: 100.0 if cell.mode == "train" else 500.0, 224)
+    seconds = recipe_price.recipe_seconds(cfg, lambda cell: 100.0 if cell.mode == "train" else 500.0, 224)
     extract, fit = 50_000 / 500, budget.PROBE_FIT_S * 45_000
     tune = 4 * (45_000 / 100 + 5_000 / 500)
     assert seconds == pytest.approx(extract + fit + tune)

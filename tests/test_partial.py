@@ -275,15 +275,40 @@ def test_cached_plans_whose_maps_do_not_fit_memory_are_not_planned(monkeypatch):
 
 
 def test_a_recipes_predicted_time_prices_one_extraction_and_epochs_on_maps():
-    from cifar_transfer.training import budget
+    from cifar_transfer.training import recipe_price
 
     cfg = apply_overrides(load_recipe("fast-cpu"), [
         "phases.0.epochs=0", "phases.1.freeze=until:blocks4", "phases.1.cache_frozen=true",
         "phases.1.epochs=2", "phases.1.augment=crop,flip"])  # fmt: skip
     speeds = {"infer": 100.0, "infer-maps": 500.0, "train-maps": 250.0, "train": 50.0}
-    total = budget.recipe_seconds(cfg, lambda cell: speeds[cell.mode], 224)
+    total = recipe_price.recipe_seconds(cfg, lambda cell: speeds[cell.mode], 224)
     n_train, n_val = 45_000, 5_000
     assert total == pytest.approx((2 * n_train + n_val) / 500 + 2 * (n_train + n_val / 3) / 250)
+
+
+def test_a_probe_before_a_cached_phase_is_priced_as_the_top_over_its_maps():
+    """`recipes` prices a probe that the later phase's maps feed as the top's forward over them
+    (what the run does), not a second pass of the whole backbone; a probe at another precision,
+    or one whose mirror images the maps lack, still pays its own extraction."""
+    from cifar_transfer.training import budget, recipe_price
+
+    tuned = ["phases.1.freeze=until:blocks4", "phases.1.cache_frozen=true", "phases.1.epochs=2",
+             "phases.0.cached_flips=true", "phases.0.precision=fp32", "phases.1.precision=fp32"]
+    speeds = {"infer": 100.0, "infer-maps": 125.0, "train-maps": 250.0, "train": 50.0}
+    n_train, n_val = 45_000, 5_000
+    probe_images = 2 * n_train + n_val  # each training image and its mirror image, then val
+    fit = budget.PROBE_FIT_S * n_train
+
+    def priced(augment: str, *extra: str) -> tuple[float, bool]:
+        cfg = apply_overrides(load_recipe("fast-cpu"), [*tuned, f"phases.1.augment={augment}", *extra])
+        maps = (n_train * (2 if "flip" in augment else 1) + n_val) / 125
+        probe = recipe_price.recipe_seconds(cfg, lambda cell: speeds[cell.mode], 224) - fit - maps - (
+            2 * (n_train + n_val / 3) / 250)
+        return probe, recipe_price.maps_phase(cfg, 0, 224) is not None
+
+    assert priced("crop,flip") == (pytest.approx(probe_images * (1 / 100 - 1 / 125)), True)
+    assert priced("crop,flip", "phases.0.precision=bf16") == (pytest.approx(probe_images / 100), False)
+    assert priced("crop") == (pytest.approx(probe_images / 100), False)  # no mirror maps
 
 
 # ---- the probe takes its features from the stored maps

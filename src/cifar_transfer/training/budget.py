@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cifar_transfer.config import Config, PhaseConfig
-from cifar_transfer.data.splits import split_sizes
 from cifar_transfer.system.errors import UserError
 from cifar_transfer.training import cached_plan
 from cifar_transfer.training.priors import PRIORS, Prior
@@ -367,33 +366,3 @@ def format_seconds(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s" if s % 60 else f"{s // 60}m"
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-
-
-def recipe_seconds(cfg: Config, speed: Callable[[Cell], float], native: int,
-                   overhead_s: float = 0.0) -> float:
-    """Predicted wall time of a whole recipe from throughputs (`speed(cell)`: images per second;
-    a cell's precision "auto" is for `speed` to resolve). Early stopping can only shorten it."""
-    n_train, n_val = split_sizes(cfg)
-    total, extracted = overhead_s, set()
-    for p in cfg.phases:
-        if p.epochs == 0:
-            continue
-        res = p.resolution or cfg.model.resolution or native
-        precision = p.precision or cfg.run.precision
-        infer = speed(Cell(cfg.model.backbone, res, precision, "infer", cfg.run.eval_batch_size))
-        if p.uses_cache(cfg.run.feature_cache):
-            if (res, precision, p.cached_flips) not in extracted:  # later phases read the cache
-                extracted.add((res, precision, p.cached_flips))
-                total += (n_train * (2 if p.cached_flips else 1) + n_val) / infer
-            total += PROBE_FIT_S * n_train * (len(p.l2_values) / 5 if p.optimizer == "lbfgs" else 0.1)
-            continue
-        epochs = min(p.epochs, p.schedule_epochs or p.epochs)  # a schedule ends the phase
-        if p.caches_maps(cfg.run.feature_cache):  # one extraction, then epochs on stored maps
-            maps = (n_train * (2 if "flip" in p.augment else 1) + n_val) / speed(
-                Cell(cfg.model.backbone, res, precision, "infer-maps", cfg.run.eval_batch_size, p.freeze))
-            train = speed(Cell(cfg.model.backbone, res, precision, "train-maps", p.batch_size, p.freeze))
-            total += maps + epochs * (n_train + n_val / cached_plan.MAP_VAL_SPEEDUP) / train
-            continue
-        train = speed(Cell(cfg.model.backbone, res, precision, "train", p.batch_size, p.freeze))
-        total += epochs * (n_train / train + n_val / infer)
-    return total

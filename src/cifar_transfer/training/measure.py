@@ -37,8 +37,8 @@ from cifar_transfer.training.budget import (
     Cell,
     measure_cells,
     plan_budget,
-    recipe_seconds,
 )
+from cifar_transfer.training.recipe_price import recipe_seconds
 
 SECONDS = 1.0  # timed per cell (after one untimed warm-up step); at least 2 steps
 AUTO_SECONDS, AUTO_BATCH = 0.5, 32  # precision "auto": a quick comparison of two cells
