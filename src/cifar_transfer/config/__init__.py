@@ -151,6 +151,11 @@ class Config:
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "run": RunConfig}
 
 
+def phase_resolution(cfg: Config, phase: PhaseConfig, native: int) -> int:
+    """A phase's input size: its own, else the model's, else the backbone's native one."""
+    return phase.resolution or cfg.model.resolution or native
+
+
 def valid_keys() -> list[str]:
     """Every key --set accepts, phase keys shown for phase 0 and all phases."""
     keys = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)]

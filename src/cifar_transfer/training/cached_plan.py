@@ -14,6 +14,7 @@ come out near zero or below, and a top is never that cheap.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cifar_transfer.config import PhaseConfig, RunConfig
@@ -24,6 +25,24 @@ MAP_VAL_SPEEDUP = 3.0  # a top's inference on stored val maps vs its training st
 # more on top (ResNet's layer4 + pool, Lite's blocks 5-6 + conv head): a floor for noise only.
 MIN_TOP_SHARE = 0.1
 
+
+
+def feeding_phase(probe: PhaseConfig, at: tuple[int, str],
+                  later: Sequence[tuple[PhaseConfig, bool, tuple[int, str]]]) -> int | None:
+    """Which of the phases after cached phase `probe` (each: its config, whether it stores maps,
+    its (resolution, precision)) gives the probe its features from its stored maps, or None: the
+    first later phase that runs and stores maps, when it has the probe's resolution and precision
+    `at` and stores mirror maps where the probe has cached_flips, with only head-only phases
+    between (the backbone then is the one the probe sees). The run (training/partial.py) and a
+    recipe's price (training/recipe_price.py) both ask this."""
+    for k, (phase, maps, phase_at) in enumerate(later):
+        if phase.epochs == 0:
+            continue
+        if maps:
+            return k if phase_at == at and ("flip" in phase.augment or not probe.cached_flips) else None
+        if phase.freeze != "all":
+            return None  # it trains the backbone: the maps of then are not the features of now
+    return None
 
 @dataclass(frozen=True)
 class CachedPrice:

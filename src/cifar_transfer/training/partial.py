@@ -32,6 +32,7 @@ from cifar_transfer.models.split import Split, TopModel, frozen_split, split_as
 from cifar_transfer.system import hardware
 from cifar_transfer.system.errors import UserError
 from cifar_transfer.training import distributed
+from cifar_transfer.training.cached_plan import feeding_phase
 from cifar_transfer.training.core import RunCore
 from cifar_transfer.training.features import cached_features, weights_fingerprint
 from cifar_transfer.training.loop import PhaseInputs
@@ -203,21 +204,13 @@ def map_inputs(run: RunCore, plan: PhasePlan, weights: torch.Tensor | None = Non
 
 def maps_phase_for(run: RunCore, plan: PhasePlan) -> PhasePlan | None:
     """The later cache_frozen phase whose stored maps can give cached phase `plan` its features,
-    or None: the first later phase that runs and stores maps, when it has the same resolution and
-    precision and stores mirror maps where `plan` has cached_flips, with only head-only phases
-    between (the backbone then is the one `plan` sees, so its maps are the ones that phase reads)."""
+    or None (the rule: cached_plan.feeding_phase)."""
     if not plan.cached:
         return None
-    for later in run.plans[plan.index + 1 :]:
-        if not later.runs:
-            continue
-        if later.maps:
-            same = (later.resolution, later.precision) == (plan.resolution, plan.precision)
-            mirrors = "flip" in later.phase.augment or not plan.phase.cached_flips
-            return later if same and mirrors else None
-        if later.phase.freeze != "all":
-            return None  # it trains the backbone: the maps of then are not the features of now
-    return None
+    later = run.plans[plan.index + 1 :]
+    k = feeding_phase(plan.phase, (plan.resolution, plan.precision),
+                      [(p.phase, p.maps, (p.resolution, p.precision)) for p in later])
+    return None if k is None else later[k]
 
 
 @dataclass

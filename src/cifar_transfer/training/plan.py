@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cifar_transfer.config import Config, PhaseConfig
+from cifar_transfer.config import Config, PhaseConfig, phase_resolution
 from cifar_transfer.training import measure
 
 
@@ -28,11 +28,6 @@ class PhasePlan:
     def runs(self) -> bool:
         """False for a phase with epochs = 0 (kept in the recipe, skipped)."""
         return self.phase.epochs > 0
-
-
-def phase_resolution(cfg: Config, phase: PhaseConfig, native: int) -> int:
-    """A phase's input size: its own, else the model's, else the backbone's native one."""
-    return phase.resolution or cfg.model.resolution or native
 
 
 def phase_precision(cfg: Config, phase: PhaseConfig, resolution: int, device: torch.device) -> str:

@@ -3,8 +3,8 @@ recipe): its phases priced from measured throughputs, phase by phase as the run 
 
 A cached phase (the probe) extracts its features once per resolution, precision and flips; later
 cached phases read them back. A cache_frozen phase stores the frozen bottom's maps once, then
-trains the top on them. A probe that a later cache_frozen phase's maps can feed (the rule of
-training/partial.py's `maps_phase_for`) costs only the top's forward over those maps.
+trains the top on them. A probe that a later cache_frozen phase's maps can feed (the run's rule,
+cached_plan.feeding_phase) costs only the top's forward over those maps.
 
 No torch here: numbers in, seconds out; measure.py supplies the throughputs.
 """
@@ -13,38 +13,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cifar_transfer.config import Config, PhaseConfig
+from cifar_transfer.config import Config, PhaseConfig, phase_resolution
 from cifar_transfer.data.splits import split_sizes
 from cifar_transfer.training.budget import PROBE_FIT_S, Cell
-from cifar_transfer.training.cached_plan import MAP_VAL_SPEEDUP, top_seconds
+from cifar_transfer.training.cached_plan import MAP_VAL_SPEEDUP, feeding_phase, top_seconds
 
 
-def _resolution(cfg: Config, p: PhaseConfig, native: int) -> int:
-    return p.resolution or cfg.model.resolution or native
-
-
-def _precision(cfg: Config, p: PhaseConfig) -> str:
-    return p.precision or cfg.run.precision
+def _at(cfg: Config, p: PhaseConfig, native: int) -> tuple[int, str]:
+    """A phase's (resolution, precision) as the recipe says them ("auto" not resolved)."""
+    return phase_resolution(cfg, p, native), p.precision or cfg.run.precision
 
 
 def maps_phase(cfg: Config, index: int, native: int) -> PhaseConfig | None:
     """The later cache_frozen phase whose stored maps give cached phase `index` its features, or
-    None (the same rule as partial.maps_phase_for, on the recipe: the first later phase that runs
-    and stores maps, at the same resolution and precision, with mirror maps where the probe takes
-    mirror images, and only head-only phases between)."""
+    None (the run's rule, cached_plan.feeding_phase, on the recipe)."""
     p = cfg.phases[index]
     if not p.uses_cache(cfg.run.feature_cache):
         return None
-    for later in cfg.phases[index + 1 :]:
-        if later.epochs == 0:
-            continue
-        if later.caches_maps(cfg.run.feature_cache):
-            same = (_resolution(cfg, later, native), _precision(cfg, later)) == (
-                _resolution(cfg, p, native), _precision(cfg, p))
-            return later if same and ("flip" in later.augment or not p.cached_flips) else None
-        if later.freeze != "all":
-            return None
-    return None
+    later = cfg.phases[index + 1 :]
+    k = feeding_phase(p, _at(cfg, p, native),
+                      [(q, q.caches_maps(cfg.run.feature_cache), _at(cfg, q, native)) for q in later])
+    return None if k is None else later[k]
 
 
 def recipe_seconds(cfg: Config, speed: Callable[[Cell], float], native: int,
@@ -56,7 +45,7 @@ def recipe_seconds(cfg: Config, speed: Callable[[Cell], float], native: int,
     for i, p in enumerate(cfg.phases):
         if p.epochs == 0:
             continue
-        res, precision = _resolution(cfg, p, native), _precision(cfg, p)
+        res, precision = _at(cfg, p, native)
         infer = speed(Cell(cfg.model.backbone, res, precision, "infer", cfg.run.eval_batch_size))
         if p.uses_cache(cfg.run.feature_cache):
             fit = PROBE_FIT_S * n_train * (len(p.l2_values) / 5 if p.optimizer == "lbfgs" else 0.1)
