@@ -21,7 +21,7 @@ from cifar_transfer.recipes import apply_overrides, load_recipe
 from cifar_transfer.results.export import torchscript_module
 from cifar_transfer.system.errors import UserError
 
-COLOURS = {"apple": (200, 30, 30), "kiwi": (40, 180, 40), "plum": (60, 40, 200)}
+COLOURS = {"apple": (200, 30, 30), "kiwi": (40, 180, 40), "plum": (60, 40, 200), "train": (90, 90, 90)}
 HYMENOPTERA = Path(__file__).resolve().parents[1].parent / "shared" / "hymenoptera"
 
 
@@ -344,3 +344,24 @@ def test_a_100_class_report_lists_the_most_confused_pairs(tmp_path):
     page = render_html(tmp_path, {"resolution": 32}, "", [], evaluation, {}, [])
     assert "Most-confused pairs" in page and "<td>c3</td><td>c7</td><td class=num>4</td>" in page
     assert "val balanced accuracy" in page and "98.00%" in page
+
+
+def test_split_folders_may_have_the_names_fastai_keras_and_hugging_face_use(tmp_path, capsys):
+    root = tmp_path / "clothes"
+    make_folder(root / "Training", {"apple": 6, "kiwi": 6})
+    make_folder(root / "validation", {"apple": 2, "kiwi": 3}, start=50)
+    make_folder(root / "eval", {"apple": 4, "kiwi": 1}, start=80)
+    (root / "extras" / "misc").mkdir(parents=True)
+    s = datasets.load_train_val(cfg_for(root), progress=False)
+    assert len(s.train_y) == 12 and torch.bincount(s.val_y).tolist() == [2, 3]  # nothing carved
+    assert torch.bincount(datasets.load_test(cfg_for(root))[1]).tolist() == [4, 1]
+    assert "extras" in capsys.readouterr().err  # a folder beside the splits is named, not read
+    make_folder(root / "valid", {"apple": 1, "kiwi": 1}, start=95)
+    with pytest.raises(UserError, match=r"valid/ and validation/: both name the val split") as e:
+        folder.scan(root)
+    assert "\n" not in str(e.value)
+
+
+def test_a_class_called_train_in_a_class_folder_tree_is_a_class(tmp_path):
+    root = make_folder(tmp_path / "vehicles", {"apple": 4, "train": 4})  # images, no subfolders
+    assert folder.scan(root).classes == ["apple", "train"]

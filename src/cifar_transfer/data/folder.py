@@ -42,6 +42,13 @@ IMAGE_SUFFIXES = frozenset({
 })  # fmt: skip
 HIDDEN_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "ehthumbs.db"})
 SPLITS = ("train", "val", "test")
+# What a split folder may be called (any case): Hugging Face datasets' split keywords, which
+# take in fastai's `valid`, Keras tutorials' `validation` and torchvision's `val`.
+SPLIT_NAMES = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation", "dev"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
 CACHE_VERSION = "folder-1"
 MEMORY_SHARE = 0.8  # of the available memory a decoded set may take
 WARN_LIST = 10  # problem files named one by one; the rest are counted
@@ -56,6 +63,8 @@ class FolderScan:
     classes: list[str]
     splits: dict[str, list[tuple[Path, int]]]
     warnings: list[str] = field(default_factory=list)
+    # The folder each split was read from (ROOT itself for a class-folder tree's train)
+    dirs: dict[str, Path] = field(default_factory=dict)
     # Per split read (load_split): the files that did not decode, so kept() lines up with its tensors
     skipped: dict[str, set[str]] = field(default_factory=dict)
 
@@ -117,13 +126,43 @@ def _list_images(class_dir: Path, notes: list[str]) -> tuple[list[Path], int]:
     return found, ignored
 
 
+def _split_dirs(root: Path, notes: list[str]) -> dict[str, Path]:
+    """ROOT's split folders by split (SPLIT_NAMES, any case), or {"train": ROOT} for a class tree.
+
+    A train folder counts only when it holds folders itself: a class-folder tree may have a
+    class called "train" (CIFAR-100 does). Two folders for one split are one UserError line;
+    other folders beside the splits are named in a warning, never read.
+    """
+    try:
+        subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
+    except OSError as e:
+        raise UserError(f"{root} cannot be read ({e.strerror}): {LAYOUT_FIX}") from None
+    named = {split: [p for p in subdirs if p.name.lower() in names]
+             for split, names in SPLIT_NAMES.items()}  # fmt: skip
+    if not (named["train"] and any(is_folder_dataset(p) for p in named["train"])):
+        return {"train": root}
+    found: dict[str, Path] = {}
+    for split, paths in named.items():
+        if len(paths) > 1:
+            both = " and ".join(f"{p.name}/" for p in paths)
+            raise UserError(
+                f"{root} has {both}: both name the {split} split; keep one (rename or move the other)"
+            )
+        if paths:
+            found[split] = paths[0]
+    if others := [p.name for p in subdirs if p not in found.values()]:
+        notes.append(
+            f"{root} has folders that are not splits ({', '.join(others)}): ignored; split folders "
+            f"are {', '.join('/'.join(names) for names in SPLIT_NAMES.values())}"
+        )
+    return found
+
+
 def scan(root: Path) -> FolderScan:
     """List a folder dataset's classes and files; one UserError line for a layout it cannot use."""
     root = Path(root)
-    split_dirs = {"train": root / "train"} if (root / "train").is_dir() else {"train": root}
-    for name in ("val", "test"):
-        if "train" in split_dirs and split_dirs["train"] != root and (root / name).is_dir():
-            split_dirs[name] = root / name
+    notes: list[str] = []
+    split_dirs = _split_dirs(root, notes)
     classes = _class_dirs(split_dirs["train"])
     where = split_dirs["train"]
     if not classes:
@@ -133,7 +172,6 @@ def scan(root: Path) -> FolderScan:
             f"{where} has only one class folder ({classes[0]}): a classifier needs at least two "
             f"classes; add one folder per class"
         )
-    notes: list[str] = []
     splits: dict[str, list[tuple[Path, int]]] = {}
     for split, folder in split_dirs.items():
         found = _class_dirs(folder)
@@ -157,7 +195,7 @@ def scan(root: Path) -> FolderScan:
                 )
             entries += [(f, label) for f in files]
         splits[split] = entries
-    return FolderScan(root, classes, splits, notes)
+    return FolderScan(root, classes, splits, notes, split_dirs)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -269,7 +307,7 @@ def load_split(
                else f"add {folder}/<class>/...")
         )
     entries = found.splits[split]
-    where = f"{found.root}" if split == "train" and not (found.root / "train").is_dir() else f"{found.root / split}"
+    where = str(found.dirs.get(split, found.root / split))
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / "decoded" / f"{_cache_key(entries, size)}.safetensors"
