@@ -99,8 +99,10 @@ def limited_root(root: Path, n: int, seed: int, dest: Path) -> Path:
     """Symlinks to n seeded train images and n//4 test images per class (smoke runs)."""
     shutil.rmtree(dest, ignore_errors=True)
     rng = random.Random(seed)
-    for split, cap in (("train", n), ("test", max(1, n // 4))):
-        for cls in sorted(d for d in (root / split).iterdir() if d.is_dir()):
+    dirs = folder.scan(root).dirs  # train/, and val/ (or validation/, ...) and test/ as named
+    for split in dirs.keys() & {"train", "val", "test"}:
+        cap = n if split == "train" else max(1, n // 4)
+        for cls in sorted(d for d in dirs[split].iterdir() if d.is_dir()):
             files = sorted(f for f in cls.iterdir() if f.is_file() and not f.name.startswith("."))
             rng.shuffle(files)
             (dest / split / cls.name).mkdir(parents=True)
@@ -110,19 +112,25 @@ def limited_root(root: Path, n: int, seed: int, dest: Path) -> Path:
 
 
 def carve_split(root: Path, args: argparse.Namespace) -> dict:
-    """The tool's own split of ROOT/train (small-folder's val_size, near-duplicate groups, seed)
-    as (path, label) lists, and ROOT/test's files: what every peer trains, selects and scores on."""
+    """The tool's own split of ROOT/train (small-folder's val_size, near-duplicate groups, seed),
+    or the folder's own val/ when it has one, as (path, label) lists, and ROOT/test's files: what
+    every peer trains, selects and scores on."""
     cfg = apply_overrides(load_recipe("small-folder"), [f"data.seed={args.seed}",
                           f"data.storage_size={args.size}", f"data.decode_workers={args.threads}"])
     src, d = open_source(cfg, str(root), progress=False), cfg.data
+    listed = {k: [(str(f), c) for f, c in v] for k, v in src.scan.splits.items()}
+    dirs = {k: str(v) for k, v in ({"val": src.scan.dirs["train"]} | src.scan.dirs).items()}
+    if src.has_val:  # the user's own validation folder: nothing carved, as the tool does
+        return {"root": str(root), "classes": src.classes, "val_size": "own val/",
+                "near_duplicates": None, "dirs": dirs} | listed
     x, y, _ = folder.load_split(src.scan, "train", d.storage_size, None, d.decode_workers,
                                 progress=False)  # decoded here, no cache left behind
     files, groups = src.scan.kept("train"), neardup.find_groups(x, d.near_duplicates)
     parts = grouped_split(y, val_count(d.val_size, len(y)), d.seed, groups)
     train, val = ([(str(files[i]), int(y[i])) for i in idx.tolist()] for idx in parts)
     return {"root": str(root), "classes": src.classes, "val_size": d.val_size,
-            "near_duplicates": groups.summary(d.near_duplicates), "train": train, "val": val,
-            "test": [(str(f), c) for f, c in src.scan.splits["test"]]}  # fmt: skip
+            "near_duplicates": groups.summary(d.near_duplicates), "dirs": dirs, "train": train, "val": val,
+            "test": listed["test"]}
 
 
 def score(net: nn.Module, loader) -> tuple[int, int]:
@@ -142,15 +150,15 @@ def run_tutorial(split: dict, args: argparse.Namespace, frozen: bool = False) ->
     train_tf = T.Compose([T.RandomResizedCrop(s), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     eval_tf = T.Compose([T.Resize(round(s * 256 / 224)), T.CenterCrop(s), T.ToTensor(), norm])
 
-    def loader(sub_dir: str, tf, entries: list, shuffle: bool) -> DataLoader:
-        """ImageFolder(ROOT/sub_dir), only the split's files, in a DataLoader."""
-        ds = datasets.ImageFolder(str(Path(split["root"]) / sub_dir), tf)
+    def loader(part: str, tf, entries: list, shuffle: bool) -> DataLoader:
+        """ImageFolder(the part's folder), only the split's files, in a DataLoader."""
+        ds = datasets.ImageFolder(split["dirs"][part], tf)
         index = {os.path.normpath(p): i for i, (p, _) in enumerate(ds.samples)}
         sub = Subset(ds, [index[os.path.normpath(p)] for p, _ in entries])
         return DataLoader(sub, args.batch_size, shuffle=shuffle, num_workers=args.workers)
 
     train_dl = loader("train", train_tf, split["train"], True)
-    val_dl = loader("train", eval_tf, split["val"], False)
+    val_dl = loader("val", eval_tf, split["val"], False)
     net = lite2()
     net.reset_classifier(len(split["classes"]))  # the tutorial's new nn.Linear(num_ftrs, classes)
     if frozen:
@@ -239,7 +247,8 @@ def run_fastai(split: dict, args: argparse.Namespace) -> dict:
         def after_train(self):
             """Add the epoch's (maybe partial) training; time its validation."""
             st["train_s"] += time.monotonic() - st["t"]
-            st["epochs"] += (self.iter + 1) / self.n_iter
+            done, n = getattr(self.learn, "iter", -1) + 1, getattr(self.learn, "n_iter", 0)
+            st["epochs"] += done / n if n else 0.0  # no batch at all: a set under one batch
             st["t"] = time.monotonic()
 
         def after_epoch(self):
