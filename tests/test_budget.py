@@ -6,7 +6,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +19,9 @@ from cifar_transfer.artifacts.bundle import load_model
 from cifar_transfer.artifacts.rundir import read_metrics
 from cifar_transfer.cli import main
 from cifar_transfer.recipes import apply_overrides, load_recipe
+from cifar_transfer.system import hardware
 from cifar_transfer.system.errors import UserError
+from cifar_transfer.system.hardware import others_cpu_use  # the real one (conftest stubs it)
 from cifar_transfer.training import budget, measure, phases, recipe_price
 from cifar_transfer.training import run as train_mod
 from cifar_transfer.training.budget import Candidate, Cell, plan_budget
@@ -420,3 +426,35 @@ def test_a_budget_on_a_folder_fine_tunes_with_the_folder_recipes_photo_settings(
     assert "rrc:0.35-1,flip,trivial" in printed, printed
     assert "comes from CIFAR-10 runs: it ranks the plans" in printed, printed  # photos land lower
     assert load_recipe("fast-cpu").phases[1].augment == ["crop", "flip"]  # CIFAR keeps pad-and-crop
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
+def test_a_process_spinning_beside_this_one_shows_as_others_cpu_use():
+    quiet = others_cpu_use(0.3)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # started and spinning
+        busy = others_cpu_use(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 0.0 <= quiet <= (os.cpu_count() or 1)
+    assert busy > 0.7  # one core's worth, give or take the scheduler's tick
+
+
+def test_speeds_measured_on_a_busy_machine_plan_this_run_but_are_never_cached(
+    monkeypatch, capsys
+):
+    fake = SimpleNamespace(img_per_s=10.0, seconds=0.01)
+    monkeypatch.setattr(measure, "measure", lambda *a, **k: fake)
+    cell, other = Cell("cnn", 32, "fp32", "train", 32), Cell("cnn", 32, "bf16", "train", 32)
+    monkeypatch.setattr(hardware, "others_cpu_use", lambda seconds=0.3: 1.6)
+    busy = measure.Throughputs(torch.device("cpu"))
+    assert busy.get(cell) == 10.0  # the run plans with what it measured
+    assert "other processes are using 1.6" in capsys.readouterr().err
+    assert cell.text() not in measure.Throughputs(torch.device("cpu")).cells  # nothing cached
+    monkeypatch.setattr(hardware, "others_cpu_use", lambda seconds=0.3: 0.1)
+    quiet = measure.Throughputs(torch.device("cpu"))
+    quiet.get(other)
+    assert "other processes" not in capsys.readouterr().err
+    assert measure.Throughputs(torch.device("cpu")).cells[other.text()] == 10.0  # cached

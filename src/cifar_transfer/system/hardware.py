@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -63,3 +65,26 @@ def describe(device: torch.device, precision: str) -> dict:
         info["cpu_threads"] = torch.get_num_threads()
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return info
+
+
+def others_cpu_use(seconds: float = 0.3) -> float | None:
+    """Cores' worth of CPU the rest of the machine used over `seconds`, while this process slept.
+
+    From /proc/stat's all-CPU line (busy = everything but idle and iowait; a VM's steal counts
+    as busy: it is contention too). None where there is no /proc/stat (not Linux).
+    """
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+        return sum(ticks), ticks[3] + ticks[4]
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)

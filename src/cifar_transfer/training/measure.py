@@ -5,6 +5,8 @@ is one (backbone, resolution, precision, mode, batch size, freeze) on one device
 a second with random-init weights and synthetic images; its images per second are kept in
 CACHE_DIR/machine/<machine key>.json, so a machine is measured once per cell (delete the file, or
 pass `fresh`, to measure again, e.g. after changing torch or what else runs on the machine).
+Speeds measured while other processes keep a CPU busy are used by that run only, never cached:
+they would slow every later plan on the machine.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from cifar_transfer.training.recipe_price import recipe_seconds
 SECONDS = 1.0  # timed per cell (after one untimed warm-up step); at least 2 steps
 AUTO_SECONDS, AUTO_BATCH = 0.5, 32  # precision "auto": a quick comparison of two cells
 MEASURED_PRECISIONS = ("fp32", "bf16")  # what "auto" chooses between on a CPU
+BUSY_CORES = 0.5  # other processes using more than this many cores: speeds measured now not cached
 
 
 def _cpuinfo(field: str) -> str:
@@ -93,6 +96,8 @@ class Throughputs:
         self.path = (cache_dir or default_cache_dir()) / "machine" / f"{machine_key(device)}.json"
         self.cells: dict[str, float] = {} if fresh else _read(self.path)
         self.measured_now = 0.0  # seconds this object spent measuring
+        self.busy: float | None = None  # others' cores in use, checked before the first measuring
+        self.unsaved: set[str] = set()  # cells measured on a busy machine: this object's only
 
     def get(self, key: Cell, announce: bool = False) -> float:
         """Images per second of `key`: cached, else measured now (and cached)."""
@@ -101,6 +106,8 @@ class Throughputs:
             if announce and not self.measured_now and distributed.is_main():
                 print(f"measuring this machine (once; cached in {self.path})", file=sys.stderr,
                       flush=True)
+            if self.busy is None:
+                self.busy = self._check_busy()
             # bench seeds torch: a run that measured must draw the same numbers as one that read
             # the cache (resume equals an unbroken run).
             gpus = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -110,8 +117,22 @@ class Throughputs:
                                freeze=key.freeze)
             self.measured_now += cell.seconds
             self.cells[text] = cell.img_per_s
+            if self.busy > BUSY_CORES:
+                self.unsaved.add(text)
             self._save()
         return self.cells[text]
+
+    def _check_busy(self) -> float:
+        """Others' CPU use now (0 on a GPU, or where it cannot be read); one warning when busy."""
+        if self.device.type != "cpu":
+            return 0.0
+        busy = hardware.others_cpu_use() or 0.0
+        if busy > BUSY_CORES and distributed.is_main():
+            print(f"warning: other processes are using {busy:.1f} of this machine's "
+                  f"{os.cpu_count()} cores: the speeds measured now are slower than this machine "
+                  f"is; this run plans with them but does not cache them (a quiet run measures "
+                  f"them once for good)", file=sys.stderr, flush=True)
+        return busy
 
     def record(self, key: Cell, img_per_s: float) -> None:
         """Keep a speed a run measured doing real work (e.g. its compiled feature extraction)."""
@@ -123,8 +144,9 @@ class Throughputs:
         if not distributed.is_main():
             return
         try:
+            kept = {k: v for k, v in self.cells.items() if k not in self.unsaved}
             atomic_write_json(self.path, {"machine": describe_machine(self.device),
-                                          "img_per_s": self.cells})
+                                          "img_per_s": kept})
         except OSError:  # an unwritable cache only costs measuring again next time
             pass
 
