@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import io
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from PIL import Image
 from cifar_transfer.artifacts.bundle import read_meta
 from cifar_transfer.artifacts.rundir import WEIGHTS, run_split
 from cifar_transfer.results.runs import predict_split
+from cifar_transfer.training.measure import describe_machine
 
 
 def jpeg_copies(images: torch.Tensor, quality: int) -> torch.Tensor:
@@ -84,7 +84,7 @@ def main() -> None:
             print(f"  {c:>12}: {a:.4f} -> {b:.4f} ({(b - a) * 100:+.2f})")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"machine": platform.processor(), "date": time.strftime("%Y-%m-%d"), "results": results},
+            {"machine": describe_machine(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"), "results": results},
             indent=1) + "\n")
 
 
