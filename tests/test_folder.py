@@ -352,10 +352,13 @@ def test_split_folders_may_have_the_names_fastai_keras_and_hugging_face_use(tmp_
     make_folder(root / "validation", {"apple": 2, "kiwi": 3}, start=50)
     make_folder(root / "eval", {"apple": 4, "kiwi": 1}, start=80)
     (root / "extras" / "misc").mkdir(parents=True)
+    shutil.copy(root / "Training" / "kiwi" / "kiwi000.png", root / "validation" / "kiwi" / "copy.png")
     s = datasets.load_train_val(cfg_for(root), progress=False)
-    assert len(s.train_y) == 12 and torch.bincount(s.val_y).tolist() == [2, 3]  # nothing carved
+    assert len(s.train_y) == 12 and torch.bincount(s.val_y).tolist() == [2, 4]  # nothing carved
     assert torch.bincount(datasets.load_test(cfg_for(root))[1]).tolist() == [4, 1]
-    assert "extras" in capsys.readouterr().err  # a folder beside the splits is named, not read
+    err = capsys.readouterr().err
+    assert "extras" in err  # a folder beside the splits is named, not read
+    assert f"1 image(s) of {root / 'validation'} are byte-identical" in err  # named as it is
     make_folder(root / "valid", {"apple": 1, "kiwi": 1}, start=95)
     with pytest.raises(UserError, match=r"valid/ and validation/: both name the val split") as e:
         folder.scan(root)

@@ -71,6 +71,10 @@ class Source:
     def has_val(self) -> bool:
         return self.scan is not None and self.scan.has_val
 
+    def where(self, split: str) -> Path:
+        """The folder a split is read from (a folder's val/ may be called validation/, ...)."""
+        return self.scan.dirs.get(split, self.root / split) if self.scan else self.root / split
+
     def read(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """uint8 (N,3,S,S) images, int64 labels and (folders) int64 content hashes of a split."""
         d = self.cfg.data
@@ -234,7 +238,7 @@ def warn_near_duplicates(src: Source, split: str, train_x: torch.Tensor, other_x
     if hit:
         shown = "; ".join(_named_pairs(src, "train", split, pairs))
         print(
-            f"warning: {hit} image(s) of {src.root / split} are near-duplicates of training images "
+            f"warning: {hit} image(s) of {src.where(split)} are near-duplicates of training images "
             f"(perceptual hash, data.near_duplicates={similarity:g}; {len(pairs)} pair(s), e.g. "
             f"{shown}): the {split} figures will be optimistic; move a series to one side",
             file=sys.stderr, flush=True,
@@ -268,7 +272,7 @@ def load_train_val(
     if src.has_val:
         vx, vy, vdig = src.read("val")
         _check_class_sizes(src, y, carving=False)
-        warn_leakage(digests, vdig, f"{src.root / 'val'}")
+        warn_leakage(digests, vdig, f"{src.where('val')}")
         warn_near_duplicates(src, "val", x, vx)
         data_fp = fingerprint(torch.cat([x, vx]), torch.cat([y, vy])) if with_fingerprint else ""
         train_idx = torch.arange(len(y))
@@ -306,7 +310,7 @@ def load_test(cfg: Config, data_dir: str | None = None) -> tuple[torch.Tensor, t
     x, y, digests = src.read("test")
     if digests is not None:
         train_x, _, train_digests = src.read("train")
-        warn_leakage(train_digests, digests, f"{src.root / 'test'}")
+        warn_leakage(train_digests, digests, f"{src.where('test')}")
         warn_near_duplicates(src, "test", train_x, x)
     return x, y, src
 
