@@ -80,7 +80,7 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
                         f"validates better")
     if folder:  # the priors are fitted to CIFAR-10 runs (training/priors.py)
         lines.insert(1, "  (the predicted accuracy comes from CIFAR-10 runs: it ranks the plans; on "
-                        "photo folders runs landed 2.7-4 points below it, BENCHMARKS.md)")
+                        "photo folders runs landed 2.7-7.8 points below it, BENCHMARKS.md)")
     for line in lines + (plan.alternative_lines() if args.plan_only else []):
         print(line, flush=True)
     if args.plan_only:
