@@ -443,8 +443,9 @@ def test_a_process_spinning_beside_this_one_shows_as_others_cpu_use():
 
 
 def test_speeds_measured_on_a_busy_machine_plan_this_run_but_are_never_cached(
-    monkeypatch, capsys
+    monkeypatch, capsys, tmp_path
 ):
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path))  # no cell of earlier tests
     fake = SimpleNamespace(img_per_s=10.0, seconds=0.01)
     monkeypatch.setattr(measure, "measure", lambda *a, **k: fake)
     cell, other = Cell("cnn", 32, "fp32", "train", 32), Cell("cnn", 32, "bf16", "train", 32)
