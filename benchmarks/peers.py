@@ -29,7 +29,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from cifar_transfer.config import val_count
-from cifar_transfer.data import folder, neardup
+from cifar_transfer.data import folder, folder_scan, neardup
 from cifar_transfer.data.cifar10 import default_cache_dir
 from cifar_transfer.data.datasets import grouped_split, open_source
 from cifar_transfer.models.weights import lite_package_state_dict
@@ -99,7 +99,7 @@ def limited_root(root: Path, n: int, seed: int, dest: Path) -> Path:
     """Symlinks to n seeded train images and n//4 test images per class (smoke runs)."""
     shutil.rmtree(dest, ignore_errors=True)
     rng = random.Random(seed)
-    dirs = folder.scan(root).dirs  # train/, and val/ (or validation/, ...) and test/ as named
+    dirs = folder_scan.scan(root).dirs  # train/, and val/ (or validation/, ...) and test/ as named
     for split in dirs.keys() & {"train", "val", "test"}:
         cap = n if split == "train" else max(1, n // 4)
         for cls in sorted(d for d in dirs[split].iterdir() if d.is_dir()):

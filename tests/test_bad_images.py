@@ -18,7 +18,7 @@ from conftest import png_bomb
 from PIL import Image
 
 from cifar_transfer.cli import main
-from cifar_transfer.data import folder, images
+from cifar_transfer.data import folder, folder_scan, images
 from cifar_transfer.results import predict as predict_mod
 from cifar_transfer.system.errors import UserError
 
@@ -93,7 +93,7 @@ def test_a_folder_skips_and_lists_each_bad_file_or_refuses_it(bad, case, tmp_pat
         photo(root / "apple" / f"a{i}.png", (200, 30, 30))
         photo(root / "kiwi" / f"k{i}.png", (40, 180, 40))
     (root / "kiwi" / name).write_bytes(raw)
-    found = folder.scan(root)
+    found = folder_scan.scan(root)
     x, y, _ = folder.load_split(found, "train", 16, None, workers=1, progress=False)
     assert x.shape == (4, 3, 16, 16) and y.tolist() == [0, 0, 1, 1]
     line = capsys.readouterr().err.strip()

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from cifar_transfer.cli import main
-from cifar_transfer.data import datasets, folder, images, splits
+from cifar_transfer.data import datasets, folder, folder_scan, images, splits
 from cifar_transfer.recipes import apply_overrides, load_recipe
 from cifar_transfer.results.export import torchscript_module
 from cifar_transfer.system.errors import UserError
@@ -361,10 +361,10 @@ def test_split_folders_may_have_the_names_fastai_keras_and_hugging_face_use(tmp_
     assert f"1 image(s) of {root / 'validation'} are byte-identical" in err  # named as it is
     make_folder(root / "valid", {"apple": 1, "kiwi": 1}, start=95)
     with pytest.raises(UserError, match=r"valid/ and validation/: both name the val split") as e:
-        folder.scan(root)
+        folder_scan.scan(root)
     assert "\n" not in str(e.value)
 
 
 def test_a_class_called_train_in_a_class_folder_tree_is_a_class(tmp_path):
     root = make_folder(tmp_path / "vehicles", {"apple": 4, "train": 4})  # images, no subfolders
-    assert folder.scan(root).classes == ["apple", "train"]
+    assert folder_scan.scan(root).classes == ["apple", "train"]

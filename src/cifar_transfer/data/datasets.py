@@ -5,7 +5,8 @@ Three kinds behind one interface (`Source.read(split)` -> uint8 (N,3,S,S), int64
             the official download when there is no --data-dir (the default)
   cifar100  train + meta (+ test) in --data-dir or its cifar-100-python child, or the download
             with data.kind=cifar100 and no --data-dir; data.cifar100_labels = fine | coarse
-  folder    class subfolders (folder.py): anything else with visible subfolders
+  folder    class subfolders (listed by folder_scan.py, decoded by folder.py): anything else
+            with visible subfolders
 data.kind = auto tells them apart in that order by what --data-dir holds; cifar10 | cifar100 |
 folder names the kind outright (and refuses a folder that does not hold it).
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from cifar_transfer.config import Config, val_count
-from cifar_transfer.data import cifar100, folder, neardup
+from cifar_transfer.data import cifar100, folder, folder_scan, neardup
 from cifar_transfer.data.cifar10 import (
     CLASSES,
     _looks_like_batches_dir,
@@ -64,7 +65,7 @@ class Source:
     classes: list[str]
     storage_size: int
     cfg: Config
-    scan: folder.FolderScan | None = None
+    scan: folder_scan.FolderScan | None = None
     progress: bool = True
 
     @property
@@ -114,11 +115,11 @@ def _kind_of(path: Path) -> str:
         return "cifar10"
     if cifar100.find_dir(path) is not None:
         return "cifar100"
-    if folder.is_folder_dataset(path):
+    if folder_scan.is_folder_dataset(path):
         return "folder"
     raise UserError(
         f"no CIFAR-10 batches, CIFAR-100 archive or class folders in {path}: pass --data-dir "
-        f"pointing at a cifar-10-batches-py or cifar-100-python folder, or {folder.LAYOUT_FIX}"
+        f"pointing at a cifar-10-batches-py or cifar-100-python folder, or {folder_scan.LAYOUT_FIX}"
     )
 
 
@@ -149,7 +150,7 @@ def open_source(cfg: Config, data_dir: str | None = None, progress: bool = True)
                 f"({cifar100.DIRNAME}); pass --data-dir pointing at that folder or its parent"
             )
         return Source("cifar100", root, cifar100.class_names(root, d.cifar100_labels), 32, cfg)
-    found = folder.scan(path)
+    found = folder_scan.scan(path)
     for note in found.warnings:
         print(f"warning: {note}", flush=True, file=sys.stderr)
     return Source("folder", path, found.classes, folder_storage_size(cfg), cfg, found, progress)
