@@ -140,7 +140,7 @@ def load_split(
                else f"add {folder}/<class>/...")
         )
     entries = found.splits[split]
-    where = str(found.dirs.get(split, found.root / split))
+    where = str(found.dirs[split])  # every split listed has its folder
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / "decoded" / f"{_cache_key(entries, size)}.safetensors"
