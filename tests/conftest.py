@@ -49,6 +49,25 @@ def write_cifar_dir(root: Path, per_batch: int = 100, seed: int = 0, test: bool 
     return folder
 
 
+def interrupted_run(monkeypatch, cfg, out: Path, checkpoints: int) -> None:
+    """Train `cfg` into `out` and stop it (KeyboardInterrupt) right after its `checkpoints`-th
+    checkpoint was written, as a kill there would; `train --resume out` then goes on from it."""
+    from cifar_transfer.training import run as train_mod
+
+    real, calls = train_mod.Run.checkpoint, {"n": 0}
+
+    def stop(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == checkpoints:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod.Run, "checkpoint", stop)
+        with pytest.raises(KeyboardInterrupt):
+            train_mod.train(cfg, out, progress=False)
+
+
 def png_bomb(width: int, height: int) -> bytes:
     """A valid 1-bit PNG declaring width x height pixels: a few KB that would decode to
     gigabytes of RGB."""

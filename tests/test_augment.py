@@ -225,6 +225,21 @@ def test_layer_decay_gives_each_stage_its_share_of_the_lr(schedule):
     assert {g["weight_decay"] for g in opt.param_groups} == {phase.weight_decay, 0.0}
 
 
+def test_layer_decay_reaches_the_top_a_cached_phase_trains():
+    from cifar_transfer.models.split import TopModel, frozen_split
+    from cifar_transfer.models.transfer import apply_freeze
+
+    model = create_model("resnet18", "none", "linear", num_classes=10)
+    apply_freeze(model, "until:layer2")
+    top = TopModel(frozen_split(model), model)  # what a cached phase's optimizer sees
+    opt = make_optimizer(top, PhaseConfig(lr=0.1, layer_decay=0.5))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    b = model.backbone
+    assert lr_of[id(model.head.weight)] == pytest.approx(0.1)
+    assert lr_of[id(b.layer4[0].conv1.weight)] == pytest.approx(0.05)  # it used to be 0.1 everywhere
+    assert lr_of[id(b.layer3[0].conv1.weight)] == pytest.approx(0.025)
+
+
 def test_layer_decay_one_is_the_two_groups_as_before():
     model = create_model("resnet18", "none", "linear", num_classes=10)
     opt = make_optimizer(model, PhaseConfig(lr=0.1))

@@ -67,7 +67,7 @@ def test_overrides_reach_every_kind_of_field():
         ("phases.0.lr=0", "phases.0.lr"),
         ("phases.0.optimizer=rmsprop", "choose one of sgd, adam, adamw"),
         ("phases.0.epochs=two", "'two' is not an int"),
-        ("phases.0.lr=fast", "'fast' is not a float"),
+        ("phases.0.lr=fast", "'fast' is not a number > 0 or \"find\""),
         ("phases.0.freeze=half", "until:<stage>"),
         ("data.val_size=-5", "data.val_size"),
         ("noequals", "KEY=VALUE"),

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import write_cifar_dir
+from conftest import interrupted_run, write_cifar_dir
 from safetensors.torch import load_file
 
 from cifar_transfer.artifacts import rundir
@@ -176,18 +176,7 @@ def test_a_cached_run_resumes_bit_exactly(cifar_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))
     cfg = cfg_for(cifar_dir, "phases.1.epochs=3", "phases.1.mixup=0.2")
     train_mod.train(cfg, tmp_path / "whole", progress=False)
-    real, calls = train_mod.Run.checkpoint, {"n": 0}
-
-    def stop(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:  # the probe's checkpoint, then the first cached epoch's
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod.Run, "checkpoint", stop)
-    with pytest.raises(KeyboardInterrupt):
-        train_mod.train(cfg, tmp_path / "run", progress=False)
-    monkeypatch.setattr(train_mod.Run, "checkpoint", real)
+    interrupted_run(monkeypatch, cfg, tmp_path / "run", 2)  # the probe's checkpoint, then the first cached epoch's
     shutil.rmtree(tmp_path / "cache")  # the maps are extracted again: the same bits
     assert main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
     a, b = (load_file(tmp_path / d / rundir.WEIGHTS) for d in ("whole", "run"))
@@ -254,6 +243,28 @@ def test_the_budget_planner_prices_cached_partial_plans_and_applies_them():
     assert tune.cache_frozen and tune.freeze == "until:blocks4"
     assert tune.augment == ["crop", "flip"]  # rrc -> translation on the maps; trivial needs pixels
     assert tune.layer_decay == photo.phases[-1].layer_decay
+
+
+def test_the_planner_prices_the_pilot_before_the_fine_tune():
+    from cifar_transfer.training import budget
+    from cifar_transfer.training.pilot_cost import LR_FIND_STEPS, pilot_cost, pilot_steps
+
+    lite = budget.Candidate("efficientnet_lite0", (160,), kinds=("cached",), precisions=("fp32",))
+    tput = {budget.Cell("efficientnet_lite0", 160, "fp32", "infer", 64): 300.0,
+            budget.Cell("efficientnet_lite0", 160, "fp32", "infer-maps", 64, "until:blocks4"): 400.0,
+            budget.Cell("efficientnet_lite0", 160, "fp32", "train-maps", 32, "until:blocks4"): 50.0}
+    tune = PhaseConfig(batchnorm="auto", lr="find", batch_size=32)
+    steps, vals = pilot_cost(tune, 2_400)
+    assert (steps, vals) == (2 * LR_FIND_STEPS + 2 * pilot_steps(2_400, 32), 2)
+    assert pilot_cost(PhaseConfig(batchnorm="eval", lr=0.01), 2_400) == (0, 0)  # nothing to measure
+    plain = budget.plan_budget(tput, 600, 2_400, 600, [lite], overhead_s=20)
+    piloted = budget.plan_budget(tput, 600, 2_400, 600, [lite], overhead_s=20,
+                                 pilot=lambda batch: pilot_cost(tune, 2_400))  # fmt: skip
+    assert piloted.pilot_seconds == pytest.approx(steps * 32 / 50.0 + vals * 600 / (3.0 * 50.0))
+    # the pilot's seconds come out of the fine-tune's epochs, not out of the deadline
+    assert piloted.epochs == pytest.approx(plain.epochs - piloted.pilot_seconds / plain.epoch_seconds)
+    assert piloted.predicted_seconds == pytest.approx(plain.predicted_seconds)
+    assert any(line.strip().startswith("pilot:") for line in piloted.lines())
 
 
 def test_cached_plans_whose_maps_do_not_fit_memory_are_not_planned(monkeypatch):
@@ -423,3 +434,22 @@ def test_a_probe_at_another_precision_extracts_its_own_features(cifar_dir, tmp_p
     assert whole == ["bf16", "bf16"]  # train and val, through the whole backbone
     assert "features_from_maps" not in run.log.rows[0]
     assert not (tmp_path / "cache" / "maps").exists()  # the cached phase will store its own
+
+
+def test_a_cached_phase_with_ema_keeps_the_better_of_the_average_and_the_raw_weights_and_resumes(
+    cifar_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))
+    cfg = cfg_for(cifar_dir, "phases.1.epochs=3", "run.ema=0.9")
+    train_mod.train(cfg, tmp_path / "whole", progress=False)
+    rows = [r for r in rundir.read_metrics(tmp_path / "whole") if r["phase"] == 1]
+    assert len(rows) == 3
+    for r in rows:  # both validated; the row's figure is the better one, and says which
+        assert r["val_acc"] == max(r["val_acc_raw"], r["val_acc_ema"])
+        assert r["ema_kept"] == (r["val_acc_ema"] > r["val_acc_raw"])
+    interrupted_run(monkeypatch, cfg, tmp_path / "run", 2)  # the probe's checkpoint, then the first cached epoch's
+    assert main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
+    a, b = (load_file(tmp_path / d / rundir.WEIGHTS) for d in ("whole", "run"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = [r for r in rundir.read_metrics(tmp_path / "run") if r["phase"] == 1]
+    assert [r["val_acc_ema"] for r in again] == [r["val_acc_ema"] for r in rows]

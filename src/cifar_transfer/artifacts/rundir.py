@@ -37,6 +37,7 @@ LAST = "checkpoints/last.pt"
 BEST = "checkpoints/best.safetensors"
 WEIGHTS = "model.safetensors"
 META = "model.json"
+PILOT = "pilot.json"  # a fine-tune's measured BatchNorm mode and LR (training/pilot.py)
 
 # metrics.jsonl fields that measure time, not the computation: they differ between two runs.
 TIMING_KEYS = frozenset({"seconds", "img_per_s", "extract_seconds", "elapsed_seconds"})

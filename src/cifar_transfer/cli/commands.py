@@ -60,11 +60,11 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
     device = hardware.pick_device(cfg.run.device)
     fast = load_recipe("fast-cpu").phases
     probe_t = cfg.phases[0] if folder else fast[0]  # the probe the plan starts with
-    plan, speeds = measure.plan_this_machine(cfg, budget_s, device, fixed, time.monotonic() - t_start,
-                                             probe_flips=probe_t.cached_flips)  # fmt: skip
     # A folder's recipe brings its own fine-tuning settings, made for photos (small-folder's
     # skipped "finetune" phase); CIFAR runs take fast-cpu's.
     tune = cfg.phases[1] if folder and len(cfg.phases) > 1 else fast[1]
+    plan, speeds = measure.plan_this_machine(cfg, budget_s, device, fixed, time.monotonic() - t_start,
+                                             probe_flips=probe_t.cached_flips, tune=tune)  # fmt: skip
     recipe = cfg.recipe
     cfg = budget.apply_plan(cfg, plan, [probe_t, tune])
     cfg.recipe = f"{args.recipe}-budget" if args.recipe else "budget"
@@ -117,6 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "the run's images are now)"
             )
         out = args.run_out = Path(args.resume)
+        folder = False
         summary = train.resume(out, progress=not args.quiet, data_dir=args.data_dir)
     else:
         if args.plan_only and not args.budget:
@@ -163,6 +164,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary.get("tta") == "flip":
         score += f" with flip TTA ({summary['val_acc_single_view']:.4f} single view)"
     print(f"done: {score}, model in {out / 'model.safetensors'}")
+    if not args.resume and folder and not args.budget and not args.recipe:
+        # The folder recipe alone is the probe: minutes. Fine-tuning pays on photo sets
+        # (BENCHMARKS.md, "Fine-tuning on photo folders"), and a budgeted run reuses this run's
+        # decoded images and the probe's stored features.
+        print(f"next: a fine-tuned model: cifar-transfer train --data-dir {args.data_dir} --budget 10m "
+              f"(the probe, then fine-tuning with BatchNorm and the learning rate measured on these "
+              f"photos; docs: guides/photo-finetune.md)")
     return 0
 
 

@@ -1,21 +1,22 @@
-"""Run configuration: dataclasses, value parsing, validation; owns the word lists.
-(Recipe files and --set overrides: cifar_transfer.recipes; the augment grammar: config/augment.py.)"""
+"""Run configuration: dataclasses and validation; owns the word lists. (A value's parsing from
+TOML or --set: config/values.py; recipe files and --set overrides: cifar_transfer.recipes; the
+augment grammar: config/augment.py.)"""
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from cifar_transfer.config.augment import MAP_OPS, augment_ops
+from cifar_transfer.config.values import FIELD_TYPES, LR_FIND, coerce
 from cifar_transfer.system.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "lbfgs")
 SCHEDULES = ("constant", "cosine", "onecycle")
 AUGMENTS = ("none", "flip", "crop-flip")  # the old one-word forms of phases.N.augment (still valid)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-BATCHNORM_MODES = ("train", "eval")
+BATCHNORM_MODES = ("train", "eval", "auto")  # auto: chosen by a pilot on the run's data
 HEADS = ("linear", "mlp", "imagenet-top")
 SELECT_BY = ("accuracy", "balanced_accuracy")
 TTA = ("off", "flip", "auto")
@@ -64,7 +65,7 @@ class PhaseConfig:
     epochs: int = 1
     freeze: str = "none"
     optimizer: str = "sgd"  # sgd is always Nesterov momentum
-    lr: float = 0.01
+    lr: float | str = 0.01  # or "find": an LR range test on the run's data (training/lr_find.py)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
@@ -91,7 +92,8 @@ class PhaseConfig:
     precision: str = ""
     # "train": unfrozen BatchNorm uses batch statistics and updates its running ones (PyTorch's
     # default); "eval": every backbone BatchNorm keeps its ImageNet statistics (Keras' advice for
-    # fine-tuning; needed at 32 px, where the deep layers see 1x1 maps).
+    # fine-tuning; needed at 32 px, where the deep layers see 1x1 maps); "auto": a short pilot of
+    # each on the run's own data, the better on validation kept (training/pilot.py).
     batchnorm: str = "train"
     # ---- issue 23: mixing and layer-wise LR decay (data/mixing.py, training/optim.py)
     mixup: float = 0.0  # Beta(alpha, alpha) mixup of image pairs; 0 = off
@@ -164,78 +166,9 @@ def valid_keys() -> list[str]:
     return keys
 
 
-def _a(noun: str) -> str:
-    """The noun with its indefinite article: "an int", "a float"."""
-    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
-
-
-def coerce(value: Any, typ: type, key: str) -> Any:
-    """Turn a TOML value or a --set string into the field's type, or fail naming the key."""
-    out = _convert(value, typ, key)
-    # One rule for every float: inf/nan pass range checks written as `x >= 0` (inf warmup epochs
-    # overflow the schedule, an inf L2 penalty gives a NaN probe) or fail them with a puzzling line.
-    if typ in (float, Number) and not math.isfinite(out):
-        raise UserError(f"bad value for {key}: {value!r} is not a finite number")
-    return out
-
-
-def _convert(value: Any, typ: type, key: str) -> Any:
-    """The type conversion behind coerce."""
-    if typ is Augments:
-        return augment_ops(value, key)
-    if typ is Number:  # a whole number stays an int (a count), anything else is a float
-        text = value.strip() if isinstance(value, str) else value
-        number = _convert(text, float, key)
-        return int(number) if float(number).is_integer() else number
-    if typ is list:  # list[float]: a TOML array, or "1e-3,1e-4" on the command line
-        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-        if not isinstance(items, list) or not items:
-            raise UserError(f"bad value for {key}: {value!r} is not a list of numbers such as 1e-3,1e-4")
-        return [coerce(v, float, key) for v in items]
-    if isinstance(value, str) and typ is not str:
-        text = value.strip().lower()
-        try:
-            if typ is bool:
-                if text in ("true", "1", "yes", "on"):
-                    return True
-                if text in ("false", "0", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return typ(value)
-        except ValueError:
-            raise UserError(f"bad value for {key}: {value!r} is not {_a(typ.__name__)}") from None
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typ is bool and not isinstance(value, bool):
-        raise UserError(f"bad value for {key}: {value!r} is not true/false")
-    if typ in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise UserError(f"bad value for {key}: {value!r} is not {_a(typ.__name__)}")
-    if typ is int and isinstance(value, float):
-        if not value.is_integer():
-            raise UserError(f"bad value for {key}: {value!r} is not a whole number")
-        return int(value)
-    if typ is str and not isinstance(value, str):
-        raise UserError(f"bad value for {key}: {value!r} is not a string")
-    return value
-
-
 def val_count(val_size: float, n: int) -> int:
     """data.val_size as a number of images: a count as it is, a fraction of the n images."""
     return val_size if isinstance(val_size, int) else round(val_size * n)
-
-
-class Number(float):
-    """Marks a field that takes a count (int) or a fraction (float), e.g. data.val_size."""
-
-
-class Augments(list):  # marks phases.N.augment: a list of augmentation ops (augment_ops parses it)
-    pass
-
-
-FIELD_TYPES = {
-    "int": int, "float": float, "str": str, "bool": bool, "list[float]": list, "int | float": Number,
-    "list[str]": Augments,
-}
 
 
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -324,7 +257,8 @@ def validate(cfg: Config) -> None:
     for i, p in enumerate(cfg.phases):
         k = f"phases.{i}"
         _check(p.epochs >= 0, f"bad value for {k}.epochs: {p.epochs} (must be >= 0)")
-        _check(p.lr > 0, f"bad value for {k}.lr: {p.lr} (must be > 0)")
+        _check(p.lr == LR_FIND or (isinstance(p.lr, (int, float)) and p.lr > 0),
+               f"bad value for {k}.lr: {p.lr!r} (a number > 0, or \"find\": an LR range test)")
         _check(
             p.optimizer in OPTIMIZERS,
             f"bad value for {k}.optimizer: {p.optimizer!r} (choose one of {', '.join(OPTIMIZERS)})",

@@ -43,6 +43,7 @@ from cifar_transfer.results.report_calibration import (
     size_notes,
     usable_calibration,
 )
+from cifar_transfer.results.report_pilot import pilot_section
 from cifar_transfer.results.report_validation import usable_eval, validation_section
 from cifar_transfer.results.runs import Predictions, evaluation, predict_split
 from cifar_transfer.system.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -240,6 +241,7 @@ def render_html(
             parts.append(_img(figures["probe"], "probe L2 sweep", probe_caption))
     else:
         parts.append("<p>metrics.jsonl has no epochs.</p>")
+    parts.append(pilot_section(run_dir, _img, _esc))
     parts.append("<h2 id=confusion>Confusion matrix</h2>")
     if evaluation:
         n = evaluation.get("n", "?")

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from cifar_transfer.config import Config, PhaseConfig
+from cifar_transfer.config import LR_FIND, Config, PhaseConfig
 from cifar_transfer.system.errors import UserError
 from cifar_transfer.training import cached_plan
 from cifar_transfer.training.priors import PRIORS, Prior
@@ -126,6 +126,7 @@ class BudgetPlan:
     # deadline leaves room for it. The prediction above is for the single view.
     tta_seconds: float = 0.0
     maps_seconds: float = 0.0  # "cached": the frozen bottom run once over train, mirror and val
+    pilot_seconds: float = 0.0  # the fine-tune's pilot / LR range test before it trains (pilot_cost.py)
     probe_from_maps: bool = False  # "cached": the probe's features are the top on those maps
     infer_batch: int = 0  # the batch the inference cells were measured at (run.eval_batch_size)
     throughputs: dict[str, float] = field(default_factory=dict)  # img/s by cell, as used
@@ -151,6 +152,9 @@ class BudgetPlan:
              f"in {format_seconds(self.predicted_seconds)}"),
             *(maps + [probe] if self.probe_from_maps else [probe] + maps),
         ]
+        if self.kind != "probe" and self.pilot_seconds:
+            out.append(f"  pilot: BatchNorm mode and/or learning rate measured on this data before "
+                       f"fine-tuning, ~{format_seconds(self.pilot_seconds)}")
         if self.kind != "probe":
             out.append(
                 f"  finetune ({self.kind}, freeze {self.finetune_freeze}): {self.epochs:.2f} epochs "
@@ -188,6 +192,7 @@ def plan_budget(
     candidates: Sequence[Candidate], overhead_s: float = 0.0,
     priors: Mapping[str, Prior] | None = None, tta: bool = False,
     maps_fit: Callable[[Candidate, int, str], bool] | None = None, probe_flips: bool = False,
+    pilot: Callable[[int], tuple[int, int]] | None = None,
 ) -> BudgetPlan:
     """The plan with the best predicted validation accuracy that fits `budget_s` seconds.
 
@@ -197,7 +202,9 @@ def plan_budget(
     `throughputs` are images per second by Cell (cells_needed lists them); `overhead_s` is what
     the run spends outside the phases (data load, model build, bundle); `tta`: after fine-tuning
     the run scores the mirror validation images once (run.tta), which the plan leaves time for;
-    `probe_flips`: the probe takes each training image's mirror image too (cached_flips).
+    `probe_flips`: the probe takes each training image's mirror image too (cached_flips);
+    `pilot(train_batch)`: the (training steps, validation passes) the fine-tune spends measuring
+    its settings before it trains (pilot_cost.pilot_cost of its template), priced per plan.
     A budget below the cheapest probe raises one UserError line saying what the probe needs.
     """
     priors = priors or PRIORS
@@ -238,9 +245,11 @@ def plan_budget(
                 **base, kind="probe", finetune_precision="", finetune_freeze="", epochs=0.0,
                 epoch_seconds=0.0, predicted_seconds=overhead_s + probe_s,
                 predicted_val_acc=prior.accuracy("probe", 0, r), throughputs=used))
+            pilot_steps, pilot_vals = pilot(c.train_batch) if pilot else (0, 0)
             if "cached" in c.kinds:
                 plans += [p for p in _cached_plans(throughputs, c, r, n_train, n_val, left + probe_s,
-                                                   (tta, probe_flips), prior, base, used)
+                                                   (tta, probe_flips), prior, base, used,
+                                                   (pilot_steps, pilot_vals))
                           if maps_fit is None or maps_fit(c, r, p.finetune_precision)]
             for kind in (k for k in c.kinds if k != "cached"):
                 train, train_speed = _fastest(throughputs, [
@@ -251,15 +260,17 @@ def plan_budget(
                 val_s = n_val / (val_speed or infer_speed)
                 epoch_s = n_train / train_speed + val_s
                 tta_s = val_s if tta else 0.0
-                epochs = (left - tta_s) / epoch_s
+                pilot_s = pilot_steps * c.train_batch / train_speed + pilot_vals * val_s
+                epochs = (left - tta_s - pilot_s) / epoch_s
                 if epochs < MIN_EPOCHS:
                     continue
                 plans.append(BudgetPlan(
                     **base, kind=kind, finetune_precision=train.precision,
                     finetune_freeze=FREEZE[kind], epochs=epochs, epoch_seconds=epoch_s,
-                    predicted_seconds=overhead_s + probe_s + epochs * epoch_s + tta_s,
+                    predicted_seconds=overhead_s + probe_s + pilot_s + epochs * epoch_s + tta_s,
                     predicted_val_acc=prior.accuracy(kind, epochs, r),
-                    throughputs={**used, train.text(): train_speed}, tta_seconds=tta_s))
+                    throughputs={**used, train.text(): train_speed}, tta_seconds=tta_s,
+                    pilot_seconds=pilot_s))
     if not plans:
         raise UserError(
             f"a budget of {format_seconds(budget_s)} is below the probe's own cost on this machine "
@@ -278,11 +289,12 @@ def plan_budget(
 
 
 def _cached_plans(throughputs: Mapping[Cell, float], c: Candidate, r: int, n_train: int, n_val: int,
-                  room: float, flags: tuple[bool, bool], prior: Prior, base: dict, used: dict
-                  ) -> list[BudgetPlan]:  # fmt: skip
+                  room: float, flags: tuple[bool, bool], prior: Prior, base: dict, used: dict,
+                  pilot: tuple[int, int] = (0, 0)) -> list[BudgetPlan]:  # fmt: skip
     """Cached partial plans at resolution r per measured precision (it rules the one extraction and
     the epochs), the probe on the stored maps at it or extracting at its own (cached_plan.py
-    prices both). `room`: the seconds after the overhead; `flags`: (tta, probe_flips)."""
+    prices both). `room`: the seconds after the overhead; `flags`: (tta, probe_flips); `pilot`:
+    the fine-tune's (training steps, validation passes) before it trains, on the maps."""
     plans = []
     for p in c.precisions:
         infer = Cell(c.backbone, r, p, "infer-maps", c.infer_batch, c.cut)
@@ -293,7 +305,9 @@ def _cached_plans(throughputs: Mapping[Cell, float], c: Candidate, r: int, n_tra
             continue
         for price in cached_plan.cached_prices(p, *speeds, (base["probe_precision"], base["probe_seconds"]),
                                                PROBE_FIT_S * n_train, n_train, n_val, *flags):  # fmt: skip
-            spent = price.probe_seconds + price.maps_seconds + price.tta_seconds
+            pilot_s = pilot[0] * c.train_batch / speeds[2] + pilot[1] * n_val / (
+                cached_plan.MAP_VAL_SPEEDUP * speeds[2])
+            spent = price.probe_seconds + price.maps_seconds + price.tta_seconds + pilot_s
             epochs = (room - spent) / price.epoch_seconds
             if epochs < MIN_EPOCHS:
                 continue
@@ -306,7 +320,7 @@ def _cached_plans(throughputs: Mapping[Cell, float], c: Candidate, r: int, n_tra
                 predicted_seconds=base["overhead_seconds"] + spent + epochs * price.epoch_seconds,
                 predicted_val_acc=prior.accuracy("cached", epochs, r),
                 throughputs={**probe_cells, infer.text(): throughputs[infer], train.text(): throughputs[train]},
-                tta_seconds=price.tta_seconds))  # fmt: skip
+                tta_seconds=price.tta_seconds, pilot_seconds=pilot_s))  # fmt: skip
     return plans
 
 
@@ -335,7 +349,8 @@ def apply_plan(cfg: Config, plan: BudgetPlan, template: list[PhaseConfig]) -> Co
         cfg.phases.append(dataclasses.replace(
             tune_t, epochs=epochs, schedule_epochs=plan.epochs, freeze=plan.finetune_freeze,
             precision=plan.finetune_precision,
-            batch_size=plan.train_batch, lr=tune_t.lr * plan.train_batch / tune_t.batch_size,
+            batch_size=plan.train_batch,
+            lr=tune_t.lr if tune_t.lr == LR_FIND else tune_t.lr * plan.train_batch / tune_t.batch_size,
             resolution=0, early_stop_patience=0,
             warmup_epochs=min(tune_t.warmup_epochs, plan.epochs / 10),
         ))

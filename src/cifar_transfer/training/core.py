@@ -6,6 +6,7 @@ phases.py runs a phase against it, finish.py bundles what it kept, run.py drives
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,9 @@ class RunCore:
 
     def __init__(self, cfg: Config, out: Path, resume: bool = False, progress: bool = True,
                  deadline: Deadline | None = None):
-        self.cfg, self.out, self.deadline = cfg, Path(out), deadline
+        # A copy: what a phase measures on the data (pilot.py) is written into the run's config,
+        # never into the caller's.
+        self.cfg, self.out, self.deadline = copy.deepcopy(cfg), Path(out), deadline
         self.main = distributed.is_main()  # under torchrun only rank 0 prints and writes
         check_batch_sizes(cfg, distributed.world_size())
         hardware.set_threads(cfg.run.threads)
@@ -108,7 +111,7 @@ class RunCore:
             self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         if cfg.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.plans = plan_phases(cfg, self.model.spec.resolution, self.device)
+        self.plans = plan_phases(self.cfg, self.model.spec.resolution, self.device)
         self.gen = torch.Generator().manual_seed(cfg.run.seed + 1)
         self.last = Best()  # validation of the weights the run ends on (keep_best off)
         self.fitted_temperature: tuple[tuple[int, str], float] | None = None  # ((epoch, tta), T) last fitted

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cifar_transfer.config import Config
+from cifar_transfer.config import Config, PhaseConfig
 from cifar_transfer.data.cifar10 import default_cache_dir
 from cifar_transfer.data.datasets import split_counts
 from cifar_transfer.models.backbones import family_of, get_spec
@@ -40,6 +40,7 @@ from cifar_transfer.training.budget import (
     measure_cells,
     plan_budget,
 )
+from cifar_transfer.training.pilot_cost import pilot_cost
 from cifar_transfer.training.recipe_price import recipe_seconds
 
 SECONDS = 1.0  # timed per cell (after one untimed warm-up step); at least 2 steps
@@ -242,9 +243,11 @@ def candidates_for(cfg: Config, device: torch.device, from_recipe: bool) -> list
 
 
 def plan_this_machine(cfg: Config, budget_s: float, device: torch.device, from_recipe: bool,
-                      spent_s: float = 0.0, probe_flips: bool = False) -> tuple[BudgetPlan, dict[str, float]]:
+                      spent_s: float = 0.0, probe_flips: bool = False,
+                      tune: PhaseConfig | None = None) -> tuple[BudgetPlan, dict[str, float]]:
     """Measure what the candidates need (cached per machine), then plan the rest of the budget
-    (`probe_flips`: the probe the plan starts with has cached_flips).
+    (`probe_flips`: the probe the plan starts with has cached_flips; `tune`: the fine-tuning
+    template, whose pilot before it trains is priced).
 
     Returns the plan and every throughput measured for it (for plan.json).
     """
@@ -263,7 +266,8 @@ def plan_this_machine(cfg: Config, budget_s: float, device: torch.device, from_r
     overhead = OVERHEAD_S.get(device.type, 20.0) * min(1.0, (n_train + n_val) / 50_000) + spent_s
     plan = plan_budget(speeds, budget_s, n_train, n_val, candidates, overhead_s=overhead,
                        tta=cfg.run.tta != "off", maps_fit=lambda c, r, p: maps_fit(c, r, p, n_train, n_val),
-                       probe_flips=probe_flips)
+                       probe_flips=probe_flips, pilot=None if tune is None else (
+                           lambda batch: pilot_cost(dataclasses.replace(tune, batch_size=batch), n_train)))
     return plan, {c.text(): v for c, v in speeds.items()}
 
 

@@ -20,8 +20,11 @@ def make_optimizer(model: torch.nn.Module, phase: PhaseConfig) -> torch.optim.Op
         {"params": [p for p in params if p.ndim > 1], "weight_decay": phase.weight_decay},
         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
     ]
-    if phase.layer_decay < 1 and isinstance(model, TransferModel):
-        groups = layer_decay_groups(model, params, phase)
+    # A cached phase trains a TopModel (the top blocks + head on stored maps): its stages are
+    # read through the model it was cut from, or layer decay would silently not apply.
+    whole = getattr(model, "whole", model)
+    if phase.layer_decay < 1 and isinstance(whole, TransferModel):
+        groups = layer_decay_groups(whole, params, phase)
     if phase.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=phase.lr, momentum=phase.momentum, nesterov=phase.momentum > 0)
     if phase.optimizer == "adam":

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -11,14 +12,14 @@ from collections.abc import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cifar_transfer.artifacts import rundir
 from cifar_transfer.artifacts.checkpoint import TrainState
 from cifar_transfer.data.cifar10 import default_cache_dir
 from cifar_transfer.data.datasets import class_weights, fingerprint
 from cifar_transfer.system.errors import UserError
-from cifar_transfer.training import distributed, partial
+from cifar_transfer.training import distributed, partial, pilot
+from cifar_transfer.training.averaging import WeightAverage
 from cifar_transfer.training.budget import Cell
 from cifar_transfer.training.core import RunCore
 from cifar_transfer.training.features import (
@@ -41,13 +42,19 @@ def run_phase(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, resume: TrainS
     phase, model, log = plan.phase, run.model, run.log
     # What trains: the head on cached features, the top + head on stored maps, or the model.
     net = model.head if plan.cached else getattr(inputs, "net", None) or model
+    forward = net
+    if distributed.world_size() > 1:  # a new wrapper per phase: each phase trains other parameters
+        forward = DistributedDataParallel(net, device_ids=[run.device] if run.device.type == "cuda" else None)
+    if run.cfg.run.compile and net is model:
+        forward = torch.compile(forward)
+    if pilot.needs_pilot(phase):  # batchnorm "auto", lr "find": measured here, written back
+        pilot.resolve(run, plan, inputs, net, forward)
     optimizer = make_optimizer(net, phase)
     steps_per_epoch = -(-len(inputs.train_y) // phase.batch_size)
     scheduler = make_scheduler(optimizer, phase, steps_per_epoch)
     scaler = torch.amp.GradScaler(run.device.type) if plan.precision == "fp16" else None
-    ema = None
-    if run.cfg.run.ema > 0 and net is model:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(run.cfg.run.ema), use_buffers=True)
+    # run.ema: the average of what trains, validated beside the raw weights (averaging.py).
+    ema = WeightAverage(net, run.cfg.run.ema) if run.cfg.run.ema > 0 else None
     start, stale = 0, 0
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer)
@@ -55,13 +62,8 @@ def run_phase(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, resume: TrainS
         if ema is not None and resume.ema is not None:
             ema.load_state_dict(resume.ema)
         start, stale = resume.phase_epoch, resume.stale
-    forward = net
-    if distributed.world_size() > 1:  # a new wrapper per phase: each phase trains other parameters
-        forward = DistributedDataParallel(net, device_ids=[run.device] if run.device.type == "cuda" else None)
-    if run.cfg.run.compile and net is model:
-        forward = torch.compile(forward)
-    evaluated = ema.module if ema is not None else model
-    validated = evaluated if net is model else net  # the head or top on stored inputs
+    validated = model if net is model else net  # the head or top on stored inputs
+    use_avg = False  # the last epoch's average validated better than the raw weights
     best_here = log.phase_best(plan.index)
     pacer = None
     schedule = getattr(scheduler, "lr_lambdas", [None])[0]
@@ -76,7 +78,7 @@ def run_phase(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, resume: TrainS
         try:
             fit = train_one_epoch(
                 forward, net, inputs, phase.batch_size, optimizer, scheduler, run.gen,
-                plan.precision, phase.label_smoothing, ema,
+                plan.precision, phase.label_smoothing, ema.model if ema is not None else None,
                 f"{phase.name} {epoch + 1}/{phase.epochs}", log.console, pacer, scaler,
             )  # fmt: skip
         except Diverged as e:
@@ -85,18 +87,25 @@ def run_phase(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, resume: TrainS
                 f"({phase.lr}); the last good checkpoint is {run.out / rundir.LAST}"
             ) from None
         t_val = time.perf_counter()
-        val_loss, val_acc, val_balanced, val_logits = validate(
-            validated, inputs, run.cfg.run.eval_batch_size, plan.precision,
-        )  # fmt: skip
+        checked = validate(validated, inputs, run.cfg.run.eval_batch_size, plan.precision)
+        averaged = {}
+        if ema is not None:
+            raw, avg = checked, validate(ema.module, inputs, run.cfg.run.eval_batch_size, plan.precision)
+            use_avg = _better(avg, raw, run.cfg.run.select_by)
+            checked = avg if use_avg else raw
+            averaged = {"val_acc_raw": raw.acc, "val_acc_ema": avg.acc, "ema_kept": use_avg}
+        val_loss, val_acc, val_balanced, val_logits = checked
         row = log.row(
             plan, epoch + 1, train_loss=fit.loss, train_acc=fit.acc, val_loss=val_loss,
             val_acc=val_acc, lr=optimizer.param_groups[0]["lr"], img_per_s=fit.seen / fit.seconds,
-            seconds=fit.seconds, val_balanced_acc=val_balanced,
+            seconds=fit.seconds, val_balanced_acc=val_balanced, **averaged,
         )  # fmt: skip
         if (plan.cached or plan.maps) and epoch == start:
             row.update(inputs.extract_fields())
-        log.log(row, phase.epochs)
-        run.keep_if_best(row, plan, evaluated)
+        log.log(row, phase.epochs, f" (EMA {averaged['val_acc_ema']:.4f}, raw {averaged['val_acc_raw']:.4f})"
+                if averaged and averaged["val_acc_ema"] is not None else "")  # fmt: skip
+        with ema.swapped_in() if use_avg else contextlib.nullcontext():
+            run.keep_if_best(row, plan, model)
         run.ended_on(val_acc, plan)
         run.keep_logits(row["epoch"], val_logits)
         score = log.score(row)
@@ -107,8 +116,8 @@ def run_phase(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, resume: TrainS
         # A budgeted phase ends when its (maybe shortened) schedule does, or at the deadline.
         timed_out = pacer is not None and pacer.finished()
         done = stop or timed_out or epoch + 1 == phase.epochs
-        if done and ema is not None:  # later phases and the final model go on from the average
-            model.load_state_dict(ema.module.state_dict())
+        if done and use_avg:  # later phases and the final model go on from the better of the two
+            ema.adopt()
         run.checkpoint(plan, epoch + 1, done, stale, optimizer, scheduler, ema)
         if pacer is not None:  # what every epoch end costs: validation, best file, checkpoint
             pacer.validated(time.perf_counter() - t_val)
@@ -119,6 +128,12 @@ def run_phase(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, resume: TrainS
             log.say(f"budget: {phase.name} ended after {pacer.step} steps ({pacer.step / steps_per_epoch:.2f} "
                     f"epochs; its schedule's end moved to fit the deadline {pacer.refits} times)")
             break
+
+
+def _better(avg, raw, select_by: str) -> bool:
+    """Whether the average's validation beats the raw weights' (by what run.select_by ranks)."""
+    pick = 2 if select_by == "balanced_accuracy" else 1
+    return avg[pick] is not None and raw[pick] is not None and avg[pick] > raw[pick]
 
 
 def _recording(extract: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
