@@ -368,3 +368,20 @@ def test_split_folders_may_have_the_names_fastai_keras_and_hugging_face_use(tmp_
 def test_a_class_called_train_in_a_class_folder_tree_is_a_class(tmp_path):
     root = make_folder(tmp_path / "vehicles", {"apple": 4, "train": 4})  # images, no subfolders
     assert folder_scan.scan(root).classes == ["apple", "train"]
+
+
+def test_a_folder_run_without_a_budget_says_how_to_get_a_fine_tuned_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "fruit", {"apple": 8, "kiwi": 8})
+    assert main(["train", "--data-dir", str(root), "--out", str(tmp_path / "run"), "--quiet",
+                 "--set", "model.backbone=resnet18", "--set", "model.weights=none",
+                 "--set", "model.resolution=32", "--set", "data.storage_size=32",
+                 "--set", "run.threads=1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"next: a fine-tuned model: cifar-transfer train --data-dir {root} --budget 10m" in out
+    capsys.readouterr()
+    assert main(["train", "--recipe", "small-folder", "--data-dir", str(root), "--out", str(tmp_path / "r2"),
+                 "--quiet", "--set", "model.backbone=resnet18", "--set", "model.weights=none",
+                 "--set", "model.resolution=32", "--set", "data.storage_size=32",
+                 "--set", "run.threads=1"]) == 0  # fmt: skip
+    assert "next:" not in capsys.readouterr().out  # a recipe named on purpose: no advice

@@ -136,8 +136,9 @@ class BudgetPlan:
         """JSON-ready (plan.json)."""
         return dataclasses.asdict(self)
 
-    def lines(self) -> list[str]:
-        """The plan in words, one step a line."""
+    def lines(self, prediction: str = "") -> list[str]:
+        """The plan in words, one step a line; `prediction` replaces the predicted accuracy's
+        words (a photo folder's is relative to its probe: priors.photo_accuracy)."""
         probe = (f"  probe: extract features ({self.probe_precision}) and fit the L-BFGS head, "
                  f"~{format_seconds(self.probe_seconds)}")
         maps = [(f"  store the frozen part's output ({self.finetune_freeze} run once per image and "
@@ -148,7 +149,7 @@ class BudgetPlan:
                      f"{self.probe_precision}) and the L-BFGS head, ~{format_seconds(self.probe_seconds)}")
         out = [
             (f"plan for a {format_seconds(self.budget_s)} budget: {self.backbone} at "
-             f"{self.resolution} px, predicted val_acc ~{self.predicted_val_acc:.1f}% "
+             f"{self.resolution} px, predicted val_acc {prediction or f'~{self.predicted_val_acc:.1f}%'} "
              f"in {format_seconds(self.predicted_seconds)}"),
             *(maps + [probe] if self.probe_from_maps else [probe] + maps),
         ]

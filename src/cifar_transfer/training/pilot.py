@@ -40,6 +40,7 @@ from cifar_transfer.training.lr_find import LRFind, lr_range_test
 from cifar_transfer.training.optim import make_optimizer, make_scheduler
 from cifar_transfer.training.pilot_cost import pilot_steps
 from cifar_transfer.training.plan import PhasePlan
+from cifar_transfer.training.priors import PHOTO_ERR_FACTOR, photo_accuracy
 
 SWITCH_BELOW = 0.003  # the better pilot this far under the probe (0.3 points): the switch
 SWITCH_LR = 0.1  # the switch's share of the eval mode's LR
@@ -141,6 +142,10 @@ def _report(run: RunCore, plan: PhasePlan, trials: list[Trial], probe: float, sw
         else:
             run.log.say(f"{name}: BatchNorm {chosen.batchnorm}: the pilot of {steps} steps each "
                         f"validated {scores}{against}")
+    if probe >= 0 and run.data.kind == "folder":  # the plan's figure, now that the probe has one
+        run.log.say(f"{name}: expected after fine-tuning: val_acc ~{photo_accuracy(probe):.4f} (the "
+                    f"probe's {probe:.4f} with ~{1 - PHOTO_ERR_FACTOR:.0%} of its errors fixed, as on "
+                    f"the photo folders measured)")
     if run.main:
         atomic_write_json(run.out / PILOT_FILE, {
             "phase": plan.index, "batchnorm": chosen.batchnorm, "lr": chosen.lr, "switched": switched,

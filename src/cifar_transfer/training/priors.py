@@ -71,3 +71,17 @@ class Prior:
 
 
 PRIORS: dict[str, Prior] = {"default": Prior()}
+
+
+# Photo folders (issue 31): the CIFAR-10 curves above over-predicted folder runs by 2.7-7.8
+# points, because a folder's probe starts elsewhere (0.88-0.96 on the sets measured, against
+# CIFAR-10's 87-91%). What carries over is the share of the probe's errors a fine-tune removes:
+# measured on validation, flowers 6.98 -> 6.13% (0.88) and 7.16 -> 6.13% (0.86), a 6-class scene
+# folder 7.67 -> 6.52% (0.85) (BENCHMARKS.md, "Fine-tuning on photo folders"). The plan states it
+# relative to the probe, and the run prints the figure once the probe has validated.
+PHOTO_ERR_FACTOR = 0.86
+
+
+def photo_accuracy(probe_acc: float) -> float:
+    """A photo folder's expected val_acc (a fraction) after its fine-tune, from its probe's."""
+    return 1.0 - (1.0 - probe_acc) * PHOTO_ERR_FACTOR
