@@ -38,15 +38,15 @@ def test_the_lr_range_test_finds_a_finite_lr_in_its_range_seeded_and_leaves_the_
     a = lr_find.lr_range_test(net, net, inputs, phase, "fp32", seed=3)
     b = lr_find.lr_range_test(net, net, inputs, phase, "fp32", seed=3)
     assert a.lrs == b.lrs and a.losses == b.losses and a.valley == b.valley  # seeded
-    assert lr_find.LR_MIN <= a.valley <= lr_find.LR_MAX and math.isfinite(a.valley)
-    assert 1e-4 < a.valley < 1.0  # a linear model on separable data learns at ordinary rates
+    assert lr_find.LR_MIN <= a.pick <= lr_find.LR_MAX and math.isfinite(a.pick)
+    assert 1e-4 < a.pick < 1.0  # a linear model on separable data learns at ordinary rates
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # put back
     assert torch.equal(rng, torch.get_rng_state())  # the run's random stream is untouched
     # Inputs 30x larger (a curvature ~900x higher) want a far smaller LR, and get it.
     big = separable()
     big.train_x = big.train_x * 30
     c = lr_find.lr_range_test(net, net, big, phase, "fp32", seed=3)
-    assert c.valley < a.valley / 5
+    assert c.pick < a.pick / 5
 
 
 def test_the_valley_is_halfway_down_the_longest_fall():
@@ -56,6 +56,18 @@ def test_the_valley_is_halfway_down_the_longest_fall():
     # the fall runs from step 9 (the last 2.0) to step 39 (its bottom, 0.5): halfway is step 24
     assert got.valley == pytest.approx(lrs[24])
     assert got.minimum_tenth == pytest.approx(lrs[39] / 10)
+    assert (got.rule, got.pick) == ("valley", got.valley)  # a real fall (75%): the valley is the pick
+    assert got.edge == pytest.approx(lrs[41] / 10)  # 1.5 > 1.1 x 0.5: where it turned up
+
+
+def test_a_flat_curve_from_a_fitted_head_takes_the_edge_not_the_noise():
+    """Flowers, BatchNorm frozen: flat at ~0.53 with noise, then up: no valley to read."""
+    lrs = [10 ** (-6 + i / 10) for i in range(50)]
+    noise = [0.01 * ((i * 7) % 5 - 2) for i in range(40)]
+    losses = [0.53 + e for e in noise] + [0.53 * 1.3**k for k in range(1, 11)]
+    got = lr_find.suggest(lrs, losses)
+    assert got.rule == "edge" and got.pick == got.edge == pytest.approx(lrs[40] / 10)
+    assert got.valley < got.pick  # the valley would have read the noise
 
 
 def tiny_cfg(data_dir, *extra: str):
@@ -162,7 +174,7 @@ def test_the_report_shows_the_pilot_and_skips_a_malformed_file(tmp_path):
         return f"<img alt='{alt}'>"
 
     curve = {"lrs": [1e-5, 1e-4, 1e-3], "losses": [1.0, 0.8, 2.0], "valley": 1e-4,
-             "minimum_tenth": 1e-5, "steepest": 1e-4}
+             "minimum_tenth": 1e-5, "steepest": 1e-4, "edge": 1e-4, "pick": 1e-4, "rule": "valley"}
     (tmp_path / rundir.PILOT).write_text(json.dumps({
         "phase": 1, "batchnorm": "eval", "lr": 1e-4, "switched": False, "probe_val_acc": 0.93,
         "pilot_steps": 20, "trials": [{"batchnorm": "eval", "lr": 1e-4, "val_acc": 0.931, "lr_find": curve},

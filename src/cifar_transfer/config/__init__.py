@@ -258,7 +258,7 @@ def validate(cfg: Config) -> None:
         k = f"phases.{i}"
         _check(p.epochs >= 0, f"bad value for {k}.epochs: {p.epochs} (must be >= 0)")
         _check(p.lr == LR_FIND or (isinstance(p.lr, (int, float)) and p.lr > 0),
-               f"bad value for {k}.lr: {p.lr!r} (a number > 0, or \"find\": an LR range test)")
+               f"bad value for {k}.lr: {p.lr!r} (must be > 0, or \"find\": an LR range test)")
         _check(
             p.optimizer in OPTIMIZERS,
             f"bad value for {k}.optimizer: {p.optimizer!r} (choose one of {', '.join(OPTIMIZERS)})",

@@ -41,8 +41,9 @@ def lr_find_png(doc: dict) -> bytes | None:
     for mode, found in tests:
         colour = COLOURS.get(mode, "#555555")
         ax.plot(found["lrs"], found["losses"], color=colour, label=f"BatchNorm {mode}")
-        if found.get("valley"):
-            ax.axvline(found["valley"], color=colour, linestyle=":", linewidth=1)
+        pick = found.get("pick") or found.get("valley")
+        if isinstance(pick, (int, float)) and pick > 0:
+            ax.axvline(pick, color=colour, linestyle=":", linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (head; deeper stages at their layer-decay share)")
     ax.set_ylabel("training loss (smoothed)")
@@ -68,5 +69,6 @@ def pilot_section(run_dir: Path, img: Callable[..., str], esc: Callable[[object]
     if png is not None:
         parts.append(img(png, "LR range test", "The LR range test (fastai's lr_find) per BatchNorm "
                          "mode: the learning rate grows each step while the smoothed training loss is "
-                         "recorded; the dotted line is the pick (halfway down the longest fall)."))
+                         "recorded; the dotted line is the pick: halfway down the longest fall (fastai's valley), or a "
+                         "decade below where the loss turns up when the curve has no real fall."))
     return "\n".join(parts)

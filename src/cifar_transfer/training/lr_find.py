@@ -4,8 +4,14 @@ The phase's optimizer (its layer decay, weight decay and momentum included) trai
 STEPS batches while the learning rate grows exponentially from LR_MIN to LR_MAX; the training
 loss, smoothed and debiased as fastai smooths it, is recorded per step, and the test stops once
 it passes DIVERGED x its minimum. The pick is fastai's default rule, "valley": the longest run of
-falling loss, halfway down it; its "minimum / 10" and "steepest" picks are kept
-beside it. The weights, BatchNorm statistics and random state are put back afterwards: the test
+falling loss, halfway down it; its "minimum / 10" and "steepest" picks are kept beside it.
+
+A fine-tune that starts from a fitted probe head often has no fall to find: the loss starts at
+its minimum and stays flat, noise and all, until the LR is too high (flowers, BatchNorm frozen:
+0.52-0.56 from 1e-6 to 2.4e-2, then 0.60 at 3.0e-2 and 2.7 at 0.19). "valley" then picks noise.
+So when the longest fall drops the loss by less than MIN_FALL of its start, the pick is the
+"edge" rule instead: one decade below the first LR at which the smoothed loss passes EDGE x its
+minimum so far (Smith's range test reads the usable LR bound off where the loss turns up). The weights, BatchNorm statistics and random state are put back afterwards: the test
 only reads the data.
 """
 
@@ -32,6 +38,8 @@ STEPS = LR_FIND_STEPS  # at most
 DIVERGED = 4.0  # the test stops once the smoothed loss passes this multiple of its minimum
 SMOOTH = 0.9  # exponential smoothing of the per-step loss (debiased)
 SKIP_END = 3  # the last steps before the stop are the divergence itself: never picked
+MIN_FALL = 0.05  # a longest fall shallower than this share of its starting loss is no valley
+EDGE = 1.1  # the loss this far over its minimum so far: the LR has passed the usable range
 
 
 @dataclass
@@ -40,9 +48,12 @@ class LRFind:
 
     lrs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
-    valley: float = 0.0  # the pick
+    valley: float = 0.0  # fastai's default pick
     minimum_tenth: float = 0.0
     steepest: float = 0.0
+    edge: float = 0.0  # a decade below where the loss turns up (0: it never did)
+    pick: float = 0.0  # what the phase uses: valley, or edge when the curve has no real fall
+    rule: str = ""  # "valley" | "edge"
 
     def to_dict(self) -> dict:
         """JSON-ready (lr_find.json)."""
@@ -67,6 +78,15 @@ def suggest(lrs: list[float], losses: list[float]) -> LRFind:
             best_end, best_start = i, i - run[i] + 1
     third = (best_end - best_start) / 3
     out.valley = lr[min(n - 1, best_start + int(third) + int(third / 2))]
+    low = math.inf
+    for i, v in enumerate(losses):  # the whole curve: the edge is where it turns up
+        if v > EDGE * low:
+            out.edge = lrs[i] / 10
+            break
+        low = min(low, v)
+    fall = (loss[best_start] - loss[best_end]) / max(abs(loss[best_start]), 1e-12)
+    out.rule = "valley" if fall >= MIN_FALL or not out.edge else "edge"
+    out.pick = out.valley if out.rule == "valley" else out.edge
     out.minimum_tenth = lr[min(range(n), key=loss.__getitem__)] / 10
     if n > 1:
         slopes = [(loss[i + 1] - loss[i]) / (math.log(lr[i + 1]) - math.log(lr[i])) for i in range(n - 1)]

@@ -102,7 +102,7 @@ def resolve(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, net: torch.nn.Mo
         trial = Trial(mode, phase.lr if phase.lr != LR_FIND else 0.0)
         if phase.lr == LR_FIND:
             trial.found = lr_range_test(net, forward, inputs, phase, plan.precision, seed)
-            trial.lr = trial.found.valley
+            trial.lr = trial.found.pick
             if not trial.lr > 0:
                 raise UserError(f"phase {phase.name!r}: the LR range test found no learning rate "
                                 f"(the loss never fell): set phases.{plan.index}.lr to a number")
@@ -127,9 +127,12 @@ def _report(run: RunCore, plan: PhasePlan, trials: list[Trial], probe: float, sw
     name, chosen = plan.phase.name, trials[0]
     for t in trials:
         if t.found is not None:
-            run.log.say(f"{name}: LR range test ({t.batchnorm} BatchNorm, {len(t.found.lrs)} steps): "
-                        f"lr {t.found.valley:.2e} (valley; min/10 {t.found.minimum_tenth:.2e}, "
-                        f"steepest {t.found.steepest:.2e})")
+            f = t.found
+            why = ("valley: halfway down the longest fall" if f.rule == "valley" else
+                   "a decade below where the loss turns up: the curve has no real fall")
+            run.log.say(f"{name}: LR range test ({t.batchnorm} BatchNorm, {len(f.lrs)} steps): lr "
+                        f"{f.pick:.2e} ({why}; valley {f.valley:.2e}, edge {f.edge:.2e}, min/10 "
+                        f"{f.minimum_tenth:.2e}, steepest {f.steepest:.2e})")
     piloted = [t for t in trials if t.val_acc is not None]
     if piloted:
         steps = pilot_steps(len(run.data.train_y), plan.phase.batch_size)
