@@ -129,7 +129,7 @@ def test_cached_flips_add_each_training_images_mirror_and_leave_val_plain(cifar_
     cfg = two_phase(cifar_dir, "run.precision=fp32")
     run = train_mod.Run(cfg, tmp_path, progress=False)
     plain, _, val_plain, _ = phases.frozen_features(run, run.plans[0])
-    cfg.phases[0].cached_flips = True
+    run.cfg.phases[0].cached_flips = True  # the run holds its own copy of the config
     feats, y, val_feats, _ = phases.frozen_features(run, run.plans[0])
     n = len(run.data.train_y)
     assert feats.shape == (2 * n, plain.shape[1])

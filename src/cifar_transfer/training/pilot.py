@@ -11,8 +11,8 @@ the first pilot_cost.PILOT_EPOCHS of the phase's own schedule from the probe's w
 better mode is kept (on a tie "eval": it keeps the probe's features). Each pilot starts from the
 same weights and is undone after.
 
-The switch: when even the better pilot validates more than SWITCH_BELOW under the probe it
-started from, fine-tuning as planned would spend the budget making the model worse first; the
+The switch: when even the better pilot validates more than SWITCH_BELOW (and SWITCH_IMAGES
+validation images' worth) under the probe it started from, fine-tuning as planned would spend the budget making the model worse first; the
 phase then trains with BatchNorm frozen at a tenth of its LR, which stays next to the probe
 (as the LR goes to 0 the fine-tune is the probe) and moves only as the data pays.
 
@@ -42,7 +42,10 @@ from cifar_transfer.training.pilot_cost import pilot_steps
 from cifar_transfer.training.plan import PhasePlan
 from cifar_transfer.training.priors import PHOTO_ERR_FACTOR, photo_accuracy
 
-SWITCH_BELOW = 0.003  # the better pilot this far under the probe (0.3 points): the switch
+# The better pilot this far under the probe: the switch. 0.3 points (issue 31's tolerance), and at
+# least SWITCH_IMAGES validation images' worth: on a few hundred images one image is 0.2-0.3
+# points, and a switch on noise would cost the fine-tune its learning rate.
+SWITCH_BELOW, SWITCH_IMAGES = 0.003, 3
 SWITCH_LR = 0.1  # the switch's share of the eval mode's LR
 PILOT_FILE = rundir.PILOT
 
@@ -111,7 +114,8 @@ def resolve(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, net: torch.nn.Mo
             trial.val_acc = pilot_accuracy(net, forward, inputs, tried, plan, cfg.run.eval_batch_size, seed)
         trials.append(trial)
     chosen = max(trials, key=lambda t: (t.val_acc if t.val_acc is not None else 0.0, t.batchnorm == "eval"))
-    switched = len(modes) > 1 and probe >= 0 and chosen.val_acc is not None and chosen.val_acc < probe - SWITCH_BELOW
+    margin = max(SWITCH_BELOW, SWITCH_IMAGES / max(1, len(inputs.val_y)))
+    switched = len(modes) > 1 and probe >= 0 and chosen.val_acc is not None and chosen.val_acc < probe - margin
     if switched:
         frozen = next(t for t in trials if t.batchnorm == "eval")
         chosen = Trial("eval", frozen.lr * SWITCH_LR)
