@@ -38,7 +38,7 @@ from cifar_transfer.training.core import RunCore
 from cifar_transfer.training.loop import PhaseInputs, train_one_epoch, validate
 from cifar_transfer.training.lr_find import LRFind, lr_range_test
 from cifar_transfer.training.optim import make_optimizer, make_scheduler
-from cifar_transfer.training.pilot_cost import pilot_steps
+from cifar_transfer.training.pilot_cost import pilot_cost, pilot_steps
 from cifar_transfer.training.plan import PhasePlan
 from cifar_transfer.training.priors import PHOTO_ERR_FACTOR, photo_accuracy
 
@@ -99,6 +99,11 @@ def resolve(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, net: torch.nn.Mo
     modes = ("eval", "train") if phase.batchnorm == "auto" else (phase.batchnorm,)
     seed = cfg.run.seed * 1_000 + 101 * (plan.index + 1)  # the pilot's own draws, not the run's
     probe = run.log.best.acc  # what the phase starts from: the best validated so far (the probe)
+    what = [w for w, on in (("BatchNorm's mode (eval, train)", len(modes) > 1),
+                            ("the learning rate", phase.lr == LR_FIND)) if on]
+    steps, _ = pilot_cost(phase, len(inputs.train_y))
+    run.log.say(f"{phase.name}: measuring {' and '.join(what)} on this data before training "
+                f"(up to {steps} steps)")
     trials = []
     for mode in modes:
         apply_freeze(run.model, phase.freeze, mode)
