@@ -10,9 +10,11 @@ A fine-tune that starts from a fitted probe head often has no fall to find: the 
 its minimum and stays flat, noise and all, until the LR is too high (flowers, BatchNorm frozen:
 0.52-0.56 from 1e-6 to 2.4e-2, then 0.60 at 3.0e-2 and 2.7 at 0.19). "valley" then picks noise.
 So when the longest fall drops the loss by less than MIN_FALL of its start, the pick is the
-"edge" rule instead: one decade below the first LR at which the smoothed loss passes EDGE x its
-minimum so far (Smith's range test reads the usable LR bound off where the loss turns up). The weights, BatchNorm statistics and random state are put back afterwards: the test
-only reads the data.
+"edge" rule instead: one decade below the LR from which on the smoothed loss stays above EDGE x
+its minimum (Smith's range test reads the usable LR bound off where the loss turns up); the
+first SKIP_START steps, a batch or two of smoothing, neither set the minimum nor mark the edge.
+The weights, BatchNorm statistics and random state are put back afterwards: the test only reads
+the data.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ STEPS = LR_FIND_STEPS  # at most
 DIVERGED = 4.0  # the test stops once the smoothed loss passes this multiple of its minimum
 SMOOTH = 0.9  # exponential smoothing of the per-step loss (debiased)
 SKIP_END = 3  # the last steps before the stop are the divergence itself: never picked
+SKIP_START = 5  # the first steps' smoothed loss is a batch or two: no edge or minimum there
 MIN_FALL = 0.05  # a longest fall shallower than this share of its starting loss is no valley
-EDGE = 1.1  # the loss this far over its minimum so far: the LR has passed the usable range
+EDGE = 1.1  # the loss this far over its minimum for good: the LR has passed the usable range
 
 
 @dataclass
@@ -51,7 +54,7 @@ class LRFind:
     valley: float = 0.0  # fastai's default pick
     minimum_tenth: float = 0.0
     steepest: float = 0.0
-    edge: float = 0.0  # a decade below where the loss turns up (0: it never did)
+    edge: float = 0.0  # a decade below where the loss turns up for good (0: it never did)
     pick: float = 0.0  # what the phase uses: valley, or edge when the curve has no real fall
     rule: str = ""  # "valley" | "edge"
 
@@ -78,12 +81,14 @@ def suggest(lrs: list[float], losses: list[float]) -> LRFind:
             best_end, best_start = i, i - run[i] + 1
     third = (best_end - best_start) / 3
     out.valley = lr[min(n - 1, best_start + int(third) + int(third / 2))]
-    low = math.inf
-    for i, v in enumerate(losses):  # the whole curve: the edge is where it turns up
-        if v > EDGE * low:
-            out.edge = lrs[i] / 10
-            break
-        low = min(low, v)
+    # The edge: where the loss turns up for good (from there on above EDGE x its minimum). "For
+    # good", not "first": the first steps' smoothed loss is a batch or two, and noise there
+    # crossed the line at 1.6e-7 on clothing; the first steps (a batch or two) set no minimum.
+    floor = min(losses[SKIP_START:], default=math.inf)
+    up = len(losses)
+    while up > SKIP_START and losses[up - 1] > EDGE * floor:
+        up -= 1
+    out.edge = lrs[up] / 10 if up < len(losses) else 0.0
     fall = (loss[best_start] - loss[best_end]) / max(abs(loss[best_start]), 1e-12)
     out.rule = "valley" if fall >= MIN_FALL or not out.edge else "edge"
     out.pick = out.valley if out.rule == "valley" else out.edge
