@@ -154,7 +154,7 @@ def _report(run: RunCore, plan: PhasePlan, trials: list[Trial], probe: float, sw
         else:
             run.log.say(f"{name}: BatchNorm {chosen.batchnorm}: the pilot of {steps} steps each "
                         f"validated {scores}{against}")
-    if probe >= 0 and run.data.kind == "folder":  # the plan's figure, now that the probe has one
+    if probe >= 0 and run.data.kind == "folder" and not switched:  # the plan's figure, now that the probe has one
         run.log.say(f"{name}: expected after fine-tuning: val_acc ~{photo_accuracy(probe):.4f} (the "
                     f"probe's {probe:.4f} with ~{1 - PHOTO_ERR_FACTOR:.0%} of its errors fixed, as on "
                     f"the photo folders measured)")
