@@ -188,3 +188,14 @@ def test_the_report_shows_the_pilot_and_skips_a_malformed_file(tmp_path):
         assert pilot_section(tmp_path, img, str) == ""
     (tmp_path / rundir.PILOT).unlink()
     assert pilot_section(tmp_path, img, str) == ""
+
+
+def test_batchnorm_auto_without_a_validation_split_is_one_line(cifar_dir, tmp_path, capsys):
+    code = main(["train", "--recipe", "fast-cpu", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "r"),
+                 "--quiet", *[a for s in ("data.val_size=0", "data.train_limit=60", "model.backbone=resnet18",
+                                          "model.weights=none", "model.resolution=32", "phases.1.freeze=until:layer3",
+                                          "phases.1.batchnorm=auto", "run.threads=1",
+                                          "phases.0.precision=fp32", "phases.1.precision=fp32")
+                              for a in ("--set", s)]])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and err[-1].startswith("error: phases.1.batchnorm = \"auto\" chooses on the validation split")

@@ -96,6 +96,9 @@ def resolve(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, net: torch.nn.Mo
     """Measure and fix the phase's "auto" BatchNorm and "find" LR (see the module's docstring);
     the model is left frozen as chosen. Returns the trials, the chosen one first."""
     phase, cfg = plan.phase, run.cfg
+    if phase.batchnorm == "auto" and len(inputs.val_y) == 0:
+        raise UserError(f"phases.{plan.index}.batchnorm = \"auto\" chooses on the validation split, and "
+                        f"this run has none: set data.val_size above 0, or batchnorm to train or eval")
     modes = ("eval", "train") if phase.batchnorm == "auto" else (phase.batchnorm,)
     seed = cfg.run.seed * 1_000 + 101 * (plan.index + 1)  # the pilot's own draws, not the run's
     probe = run.log.best.acc  # what the phase starts from: the best validated so far (the probe)
