@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import interrupted_run
 from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 
@@ -116,16 +117,7 @@ def test_a_resumed_run_reports_the_probe_penalty_it_kept_not_the_last_one_swept(
     whole = train_mod.train(cfg, tmp_path / "whole", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert whole["val_acc"] == max(r["val_acc"] for r in rows) and len(rows) == 3
-    real = train_mod.Run.checkpoint
-
-    def killed_after(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod.Run, "checkpoint", killed_after)
-    with pytest.raises(KeyboardInterrupt):
-        train_mod.train(cfg, tmp_path / "broken", progress=False)
-    monkeypatch.setattr(train_mod.Run, "checkpoint", real)
+    interrupted_run(monkeypatch, cfg, tmp_path / "broken", 1)
     resumed = train_mod.resume(tmp_path / "broken", progress=False)
     assert resumed["val_acc"] == whole["val_acc"]
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "broken"))

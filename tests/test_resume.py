@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 import torch
-from conftest import write_cifar_dir
+from conftest import interrupted_run, write_cifar_dir
 from safetensors.torch import load_file
 
 from cifar_transfer.artifacts import rundir
@@ -36,22 +36,6 @@ def cnn_cfg(data_dir: Path, *extra: str):
     ])  # fmt: skip
 
 
-def interrupted(cfg, out: Path, monkeypatch, after: int = 1) -> None:
-    """Train `cfg` into `out` and stop it like Ctrl-C right after its `after`-th checkpoint."""
-    real, calls = train_mod.Run.checkpoint, {"n": 0}
-
-    def stop(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == after:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod.Run, "checkpoint", stop)
-    with pytest.raises(KeyboardInterrupt):
-        train_mod.train(cfg, out, progress=False)
-    monkeypatch.setattr(train_mod.Run, "checkpoint", real)
-
-
 def same_weights(a: Path, b: Path) -> bool:
     x, y = load_file(a / rundir.WEIGHTS), load_file(b / rundir.WEIGHTS)
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -67,7 +51,7 @@ def test_resume_needs_no_weights_source_the_checkpoint_holds_them(cifar_dir, tmp
         "phases.*.batch_size=50", "run.threads=1", "run.compile_features=off",
     ])  # fmt: skip
     train_mod.train(cfg, tmp_path / "whole", progress=False)
-    interrupted(cfg, tmp_path / "run", monkeypatch)
+    interrupted_run(monkeypatch, cfg, tmp_path / "run", 1)
     weights.unlink()
     assert main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
     assert same_weights(tmp_path / "whole", tmp_path / "run")
@@ -79,7 +63,7 @@ def test_resume_with_moved_data_takes_data_dir_and_checks_it_is_the_same(
     data = write_cifar_dir(tmp_path / "a")
     cfg = cnn_cfg(data)
     train_mod.train(cfg, tmp_path / "whole", progress=False)
-    interrupted(cfg, tmp_path / "run", monkeypatch)
+    interrupted_run(monkeypatch, cfg, tmp_path / "run", 1)
     moved = tmp_path / "moved"
     shutil.move(tmp_path / "a", moved)
     # Other images under the same names: refused, nothing changed.
@@ -96,7 +80,7 @@ def test_resume_with_moved_data_takes_data_dir_and_checks_it_is_the_same(
 
 
 def test_a_checkpoint_from_another_version_is_one_line(cifar_dir, tmp_path, monkeypatch, capsys):
-    interrupted(cnn_cfg(cifar_dir), tmp_path / "run", monkeypatch)
+    interrupted_run(monkeypatch, cnn_cfg(cifar_dir), tmp_path / "run", 1)
     last = tmp_path / "run" / rundir.LAST
     state = load_checkpoint(last)
     save_checkpoint(last, {**state, "format": STATE_FORMAT + 1})
@@ -107,7 +91,7 @@ def test_a_checkpoint_from_another_version_is_one_line(cifar_dir, tmp_path, monk
 def test_a_config_edited_to_another_backbone_is_refused_on_resume(
     cifar_dir, tmp_path, monkeypatch, capsys
 ):
-    interrupted(cnn_cfg(cifar_dir), tmp_path / "run", monkeypatch)
+    interrupted_run(monkeypatch, cnn_cfg(cifar_dir), tmp_path / "run", 1)
     path = tmp_path / "run" / rundir.CONFIG
     doc = tomllib.loads(path.read_text())
     doc["model"]["backbone"] = "resnet18"
@@ -117,7 +101,7 @@ def test_a_config_edited_to_another_backbone_is_refused_on_resume(
 
 
 def test_a_corrupt_metrics_log_before_resume_is_one_line(cifar_dir, tmp_path, monkeypatch, capsys):
-    interrupted(cnn_cfg(cifar_dir), tmp_path / "run", monkeypatch)
+    interrupted_run(monkeypatch, cnn_cfg(cifar_dir), tmp_path / "run", 1)
     (tmp_path / "run" / rundir.METRICS).write_bytes(b'{"epoch": 1, "val_a\xff\n')
     assert main(["train", "--resume", str(tmp_path / "run")]) == 2
     one_line(capsys, "metrics.jsonl line 1 is not JSON")
@@ -128,7 +112,7 @@ def test_a_best_file_from_lost_work_is_not_the_one_bundled(cifar_dir, tmp_path, 
     resumed run keeps the checkpoint's own best file and ends as an unbroken run does."""
     cfg = cnn_cfg(cifar_dir)
     train_mod.train(cfg, tmp_path / "whole", progress=False)
-    interrupted(cfg, tmp_path / "run", monkeypatch)
+    interrupted_run(monkeypatch, cfg, tmp_path / "run", 1)
     named = load_checkpoint(tmp_path / "run" / rundir.LAST)["best"]["file"]
     stray = tmp_path / "run" / "checkpoints" / "best-epoch2.safetensors"
     shutil.copy(tmp_path / "run" / named, stray)  # what the lost epoch 2 would have left

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import interrupted_run
 from safetensors.torch import load_file
 
 from cifar_transfer.artifacts import rundir
@@ -146,19 +147,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(extra, cifar_dir, tmp_
     cfg = two_phase(cifar_dir, *extra)
     train_mod.train(cfg, tmp_path / "whole", progress=False)
 
-    real = train_mod.Run.checkpoint
-    calls = {"n": 0}
-
-    def crash_after_third(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 3:  # mid phase 1, after its first epoch's checkpoint
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod.Run, "checkpoint", crash_after_third)
-    with pytest.raises(KeyboardInterrupt):
-        train_mod.train(cfg, tmp_path / "broken", progress=False)
-    monkeypatch.setattr(train_mod.Run, "checkpoint", real)
+    interrupted_run(monkeypatch, cfg, tmp_path / "broken", 3)  # mid phase 1, after its first epoch's checkpoint
     train_mod.resume(tmp_path / "broken", progress=False)
 
     whole = load_file(tmp_path / "whole" / "model.safetensors")
