@@ -48,7 +48,7 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
     from cifar_transfer.system.atomic import atomic_write_json
     from cifar_transfer.training import budget, measure
     from cifar_transfer.training.pacing import Deadline
-    from cifar_transfer.training.priors import PHOTO_ERR_FACTOR
+    from cifar_transfer.training.priors import PHOTO_PREDICTION
 
     budget_s = budget.parse_duration(args.budget)
     phase_sets = [o for o in overrides if o.strip().startswith("phases.")]
@@ -74,8 +74,7 @@ def _budgeted(args: argparse.Namespace, cfg, overrides: list[str], t_start: floa
     finish = now + dt.timedelta(seconds=plan.predicted_seconds - (time.monotonic() - t_start))
     # A photo folder's prediction is relative to its probe (priors.photo_accuracy): the
     # CIFAR-10 curves over-predicted folder runs by 2.7-7.8 points.
-    relative = f"= the probe's with ~{1 - PHOTO_ERR_FACTOR:.0%} of its errors fixed"
-    lines = plan.lines(relative if folder and plan.kind != "probe" else "")
+    lines = plan.lines(f"= {PHOTO_PREDICTION}" if folder and plan.kind != "probe" else "")
     if folder and plan.kind != "probe":
         tuned = cfg.phases[-1]  # a cached plan keeps the ops that work on stored maps
         lines.insert(2, f"  fine-tuning for photos ({recipe}'s {tune.name!r} phase): augment "

@@ -19,9 +19,11 @@ the data.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +61,7 @@ class LRFind:
     rule: str = ""  # "valley" | "edge"
 
     def to_dict(self) -> dict:
-        """JSON-ready (lr_find.json)."""
+        """JSON-ready (pilot.json's "lr_find")."""
         return dataclasses.asdict(self)
 
 
@@ -101,6 +103,21 @@ def suggest(lrs: list[float], losses: list[float]) -> LRFind:
     return out
 
 
+@contextlib.contextmanager
+def undone(net: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Whatever the block trains `net` to, it leaves: its weights and BatchNorm statistics, each
+    module's train/eval mode and torch's random state are as before afterwards."""
+    saved = copy.deepcopy(net.state_dict())
+    modes = [m.training for m in net.modules()]
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            net.load_state_dict(saved)
+            for m, mode in zip(net.modules(), modes, strict=True):
+                m.training = mode
+
+
 def lr_range_test(net: torch.nn.Module, forward: torch.nn.Module, inputs: PhaseInputs,
                   phase: PhaseConfig, precision: str, seed: int, steps: int = STEPS) -> LRFind:
     """Run the range test on `net` (through `forward`, its DDP/compiled wrapper) and put it back.
@@ -110,8 +127,6 @@ def lr_range_test(net: torch.nn.Module, forward: torch.nn.Module, inputs: PhaseI
     Under torchrun every rank sees the same global batches and the mean loss over ranks, so all
     stop at the same step.
     """
-    saved = copy.deepcopy(net.state_dict())
-    modes = [m.training for m in net.modules()]
     gamma = (LR_MAX / LR_MIN) ** (1 / (steps - 1))
     optimizer = make_optimizer(net, dataclasses.replace(phase, lr=1.0))
     base = [g["lr"] for g in optimizer.param_groups]  # layer decay: each group's share of 1
@@ -120,37 +135,32 @@ def lr_range_test(net: torch.nn.Module, forward: torch.nn.Module, inputs: PhaseI
     lrs: list[float] = []
     losses: list[float] = []
     avg, best = 0.0, math.inf
-    net.train()
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        try:
-            while len(lrs) < steps:
-                for idx in batch_indices(len(inputs.train_y), phase.batch_size, True, gen):
-                    if len(idx) < max(world, 2) or len(lrs) >= steps:
-                        continue
-                    lr = LR_MIN * gamma ** len(lrs)
-                    for g, b in zip(optimizer.param_groups, base, strict=True):
-                        g["lr"] = b * lr
-                    x, y, mixed = inputs.train_batch(idx.to(device), distributed.shard(len(idx)), gen)
-                    with hardware.autocast(device, precision):
-                        logits = forward(x)
-                    target = y if mixed is None else mixed.targets(logits.shape[1])
-                    loss = F.cross_entropy(logits.float(), target, weight=inputs.class_weights,
-                                           label_smoothing=phase.label_smoothing)  # fmt: skip
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    mean = float(distributed.all_reduce_sum(loss.detach().double() / world))
-                    avg = SMOOTH * avg + (1 - SMOOTH) * mean
-                    smoothed = avg / (1 - SMOOTH ** (len(lrs) + 1))
-                    lrs.append(lr)
-                    losses.append(smoothed)
-                    best = min(best, smoothed)
-                    if not math.isfinite(smoothed) or smoothed > DIVERGED * best:
-                        steps = len(lrs)  # diverged: the test ends here
-                        break
-        finally:
-            net.load_state_dict(saved)
-            for m, mode in zip(net.modules(), modes, strict=True):
-                m.training = mode
+    with undone(net, device):
+        net.train()
+        while len(lrs) < steps:
+            for idx in batch_indices(len(inputs.train_y), phase.batch_size, True, gen):
+                if len(idx) < max(world, 2) or len(lrs) >= steps:
+                    continue
+                lr = LR_MIN * gamma ** len(lrs)
+                for g, b in zip(optimizer.param_groups, base, strict=True):
+                    g["lr"] = b * lr
+                x, y, mixed = inputs.train_batch(idx.to(device), distributed.shard(len(idx)), gen)
+                with hardware.autocast(device, precision):
+                    logits = forward(x)
+                target = y if mixed is None else mixed.targets(logits.shape[1])
+                loss = F.cross_entropy(logits.float(), target, weight=inputs.class_weights,
+                                       label_smoothing=phase.label_smoothing)  # fmt: skip
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                mean = float(distributed.all_reduce_sum(loss.detach().double() / world))
+                avg = SMOOTH * avg + (1 - SMOOTH) * mean
+                smoothed = avg / (1 - SMOOTH ** (len(lrs) + 1))
+                lrs.append(lr)
+                losses.append(smoothed)
+                best = min(best, smoothed)
+                if not math.isfinite(smoothed) or smoothed > DIVERGED * best:
+                    steps = len(lrs)  # diverged: the test ends here
+                    break
     finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
     return suggest([lrs[i] for i in finite], [losses[i] for i in finite])

@@ -132,8 +132,9 @@ def run_phase(run: RunCore, plan: PhasePlan, inputs: PhaseInputs, resume: TrainS
 
 def _better(avg, raw, select_by: str) -> bool:
     """Whether the average's validation beats the raw weights' (by what run.select_by ranks)."""
-    pick = 2 if select_by == "balanced_accuracy" else 1
-    return avg[pick] is not None and raw[pick] is not None and avg[pick] > raw[pick]
+    key = "balanced" if select_by == "balanced_accuracy" else "acc"
+    a, r = getattr(avg, key), getattr(raw, key)
+    return a is not None and r is not None and a > r
 
 
 def _recording(extract: Callable[[torch.Tensor], torch.Tensor], device: torch.device,

@@ -22,7 +22,6 @@ into RUN/pilot.json (each mode's LR curve and pilot) and into the log.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -36,11 +35,11 @@ from cifar_transfer.system.atomic import atomic_write_json, atomic_write_text
 from cifar_transfer.system.errors import UserError
 from cifar_transfer.training.core import RunCore
 from cifar_transfer.training.loop import PhaseInputs, train_one_epoch, validate
-from cifar_transfer.training.lr_find import LRFind, lr_range_test
+from cifar_transfer.training.lr_find import LRFind, lr_range_test, undone
 from cifar_transfer.training.optim import make_optimizer, make_scheduler
 from cifar_transfer.training.pilot_cost import pilot_cost, pilot_steps
 from cifar_transfer.training.plan import PhasePlan
-from cifar_transfer.training.priors import PHOTO_ERR_FACTOR, photo_accuracy
+from cifar_transfer.training.priors import PHOTO_PREDICTION, photo_accuracy
 
 # The better pilot this far under the probe: the switch. 0.3 points (issue 31's tolerance), and at
 # least SWITCH_IMAGES validation images' worth: on a few hundred images one image is 0.2-0.3
@@ -69,7 +68,6 @@ def pilot_accuracy(net: torch.nn.Module, forward: torch.nn.Module, inputs: Phase
                    phase: PhaseConfig, plan: PhasePlan, eval_batch: int, seed: int) -> float:
     """Validation accuracy after the first pilot_steps of the phase's schedule from `net`'s
     weights, which are put back afterwards (and torch's random state with them)."""
-    saved = copy.deepcopy(net.state_dict())
     per_epoch = -(-len(inputs.train_y) // phase.batch_size)
     optimizer = make_optimizer(net, phase)
     scheduler = make_scheduler(optimizer, phase, per_epoch)
@@ -79,15 +77,11 @@ def pilot_accuracy(net: torch.nn.Module, forward: torch.nn.Module, inputs: Phase
         done[0] += 1
         return done[0] >= steps
 
-    device = inputs.train_y.device
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        try:
-            train_one_epoch(forward, net, inputs, phase.batch_size, optimizer, scheduler,
-                            torch.Generator().manual_seed(seed), plan.precision, phase.label_smoothing,
-                            progress=False, stop=stop)  # fmt: skip
-            acc = validate(net, inputs, eval_batch, plan.precision).acc
-        finally:
-            net.load_state_dict(saved)
+    with undone(net, inputs.train_y.device):
+        train_one_epoch(forward, net, inputs, phase.batch_size, optimizer, scheduler,
+                        torch.Generator().manual_seed(seed), plan.precision, phase.label_smoothing,
+                        progress=False, stop=stop)  # fmt: skip
+        acc = validate(net, inputs, eval_batch, plan.precision).acc
     return -1.0 if acc is None else acc
 
 
@@ -146,8 +140,8 @@ def _report(run: RunCore, plan: PhasePlan, trials: list[Trial], probe: float, sw
                         f"{f.pick:.2e} ({why}; valley {f.valley:.2e}, edge {f.edge:.2e}, min/10 "
                         f"{f.minimum_tenth:.2e}, steepest {f.steepest:.2e})")
     piloted = [t for t in trials if t.val_acc is not None]
+    steps = pilot_steps(len(run.data.train_y), plan.phase.batch_size) if piloted else 0
     if piloted:
-        steps = pilot_steps(len(run.data.train_y), plan.phase.batch_size)
         scores = ", ".join(f"{t.batchnorm} {t.val_acc:.4f} at lr {t.lr:.2e}" for t in piloted)
         against = f" (the probe: {probe:.4f})" if probe >= 0 else ""
         if switched:
@@ -158,14 +152,13 @@ def _report(run: RunCore, plan: PhasePlan, trials: list[Trial], probe: float, sw
             run.log.say(f"{name}: BatchNorm {chosen.batchnorm}: the pilot of {steps} steps each "
                         f"validated {scores}{against}")
     if probe >= 0 and run.data.kind == "folder" and not switched:  # the plan's figure, now that the probe has one
-        run.log.say(f"{name}: expected after fine-tuning: val_acc ~{photo_accuracy(probe):.4f} (the "
-                    f"probe's {probe:.4f} with ~{1 - PHOTO_ERR_FACTOR:.0%} of its errors fixed, as on "
-                    f"the photo folders measured)")
+        run.log.say(f"{name}: expected after fine-tuning: val_acc ~{photo_accuracy(probe):.4f} = "
+                    f"{PHOTO_PREDICTION} ({probe:.4f}), as on the photo folders measured")
     if run.main:
         atomic_write_json(run.out / PILOT_FILE, {
             "phase": plan.index, "batchnorm": chosen.batchnorm, "lr": chosen.lr, "switched": switched,
             "probe_val_acc": probe if probe >= 0 else None,
-            "pilot_steps": pilot_steps(len(run.data.train_y), plan.phase.batch_size) if piloted else 0,
+            "pilot_steps": steps,
             "trials": [{"batchnorm": t.batchnorm, "lr": t.lr, "val_acc": t.val_acc,
                         "lr_find": t.found.to_dict() if t.found else None} for t in trials],
         })  # fmt: skip
