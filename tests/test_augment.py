@@ -8,7 +8,8 @@ import tomllib
 
 import pytest
 import torch
-from test_resume import cnn_cfg, interrupted, one_line, same_weights
+from conftest import interrupted_run
+from test_resume import cnn_cfg, one_line, same_weights
 
 from cifar_transfer.artifacts import rundir
 from cifar_transfer.cli import main
@@ -253,7 +254,7 @@ def test_a_run_with_rrc_flip_trivial_mixup_and_decay_resumes_bit_exactly(cifar_d
     cfg = cnn_cfg(cifar_dir, "phases.0.augment=rrc,flip,trivial", "phases.0.mixup=0.2",
                   "phases.0.cutmix=1.0", "phases.0.layer_decay=0.7", "phases.0.epochs=2")  # fmt: skip
     train_mod.train(cfg, tmp_path / "whole", progress=False)
-    interrupted(cfg, tmp_path / "run", monkeypatch)
+    interrupted_run(monkeypatch, cfg, tmp_path / "run", 1)
     assert main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
     assert same_weights(tmp_path / "whole", tmp_path / "run")
     whole, resumed = (rundir.read_metrics(tmp_path / d) for d in ("whole", "run"))
